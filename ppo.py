@@ -1,0 +1,375 @@
+"""Step-grained PPO for StepTool (Yu et al., arXiv 2410.07745, sec. "Step-grained optimisation").
+
+train.py calls `ppo_update(policy, optimizer, batch, cfg)` once per iteration on a batch from rollout.collate;
+the rest are small pure functions it is built from (tests call them one by one).
+
+    ∇J ≈ E[ Σ_t Â_t · Σ_i ∇ log π_θ(a_t^i | s_t, a_t^{<i}) ]   every token of step t shares the step's Â_t
+    δ_t = r_t + γ·V(s_{t+1}) − V(s_t)   (V after the last step = 0),   Â_t = Σ_l (γλ)^l · δ_{t+l}
+
+Implementation choices not in the paper (each a flag or a comment below):
+ 1. Advantage whitening (TRL, lm-human-preferences): Â is whitened over the batch, over steps in step mode
+    (each step one sample) and over action tokens in token mode (as TRL). `whiten`.
+ 2. Value clipping (PPO2 baselines, TRL; the authors use 0.2): v_loss = ½·max((V−G)², (V_clip−G)²). `vf_clip`.
+ 3. KL placement (Ziegler et al. / TRL, as the paper): k1 = log π_old − log π_ref per action token, subtracted
+    from the reward, summed over each step's tokens in step mode. `kl_in_loss` instead adds β·k3 to the loss
+    (GRPO / Schulman's k3 estimator). We use a fixed β; the authors use TRL's adaptive controller (init 0.3).
+ 4. Token aggregation (CleanRL-style token mean, as TRL): every loss term is a sum over action tokens divided
+    by the action-token count of the whole optimizer mini-batch, so gradient accumulation over micro-batches is
+    exact; long steps therefore weigh more than short ones (a per-step mean would not).
+ 5. Value head placement: the value at position p estimates the state after token p, so V(s_t) is read at
+    step_start−1 (the token before the step's first action token). In step mode V is trained only there, on
+    the step's return G_t — the same numbers the advantage uses, one sample per step.
+ 6. Old log-probs are recomputed under the current policy before the update (equal to the sampling log-probs
+    at temperature 1 up to numerics, and right for any sampling temperature); `use_sampling_logprobs` keeps
+    the rollout's.
+ 7. Authors' released code (PAPER.md 1–2), as flags: `advantage="token"` runs TRL's token-level GAE with each
+    step's reward on its last action token, observation tokens counted as time steps (`token_gae="trl"`, the
+    default; "skip" = veRL's GAE over action tokens only); `authors_reward_scaling` multiplies step t's reward
+    by (T−1−t), which zeroes the final IsSolved reward.
+Shapes: B batch (episodes), T tokens, S steps, V vocabulary.
+"""
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PPOConfig:
+    gamma: float = 0.99
+    """discount γ over steps (step mode) or tokens (token mode); authors 0.99"""
+    lam: float = 0.95
+    """GAE λ; authors 0.95"""
+    clip_eps: float = 0.2
+    """ratio clip ε of the surrogate; authors 0.2"""
+    vf_clip: float = 0.2
+    """value clip around the old value; authors 0.2"""
+    vf_coef: float = 0.1
+    """value-loss coefficient; authors 0.1"""
+    ent_coef: float = 0.0
+    """entropy bonus coefficient; authors 0 (TRL has none)"""
+    kl_coef: float = 0.05
+    """β of the KL to the reference policy (fixed; authors: adaptive from 0.3)"""
+    kl_in_loss: bool = False
+    """False: −β·k1 in the reward (paper, TRL); True: +β·k3 as a loss term"""
+    ppo_epochs: int = 4
+    """passes over the batch per iteration; authors 4"""
+    minibatches: int = 4
+    """optimizer steps per epoch (authors: batch 8, mini-batch 2 -> 4)"""
+    token_budget: int = 4096
+    """max padded tokens (rows x longest row) per micro-batch; bounds activation memory"""
+    max_grad_norm: float = 1.0
+    """global gradient-norm clip"""
+    advantage: str = "step"
+    """"step": GAE over tool steps (paper); "token": token-level GAE (authors' code)"""
+    token_gae: str = "trl"
+    """token mode only: "trl" counts observation tokens as time steps (authors); "skip" skips them (veRL)"""
+    whiten: bool = True
+    """whiten advantages over the batch (see contract 1)"""
+    authors_reward_scaling: bool = False
+    """multiply step t's reward by (T−1−t) as the released code does (final reward -> 0)"""
+    use_sampling_logprobs: bool = False
+    """use batch["old_logprobs"] from the rollout instead of recomputing them (contract 6)"""
+    seed: int = 0
+    """seed of the mini-batch shuffling generator"""
+
+
+def masked_mean(x, mask):
+    if not mask.any():  # NOTE: host sync; only used once per batch, never per micro-batch
+        raise ValueError("masked_mean: the mask selects no element (no action tokens or steps in the batch?)")
+    return torch.where(mask, x, 0.0).sum() / mask.sum()
+
+
+def masked_whiten(x, mask, shift_mean=True):
+    """(x − mean) / std over the masked elements of the whole batch; shift_mean=False adds the mean back."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return torch.where(mask, out if shift_mean else out + mean, 0.0)
+
+
+def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chunk=None):
+    """log π(input_ids[:, t] | input_ids[:, <t]) for t ≥ 1, 0 at t = 0: (B, T); with_entropy also returns H (B, T).
+
+    Gather minus logsumexp, `chunk` positions at a time in float32: never a float32 (B, T, V) log-softmax."""
+    B, T, V = logits.shape
+    chunk = chunk or max(1, 2**25 // (B * V))  # ~128 MB of float32 per chunk
+    # THE shift (the only one): logits at position t−1 predict token t. Position 0 has no prediction.
+    pred, target = logits[:, :-1], input_ids[:, 1:]  # (B, T−1, V), (B, T−1)
+    lps, ents = [logits.new_zeros(B, 1, dtype=torch.float32)], [logits.new_zeros(B, 1, dtype=torch.float32)]
+    for i in range(0, T - 1, chunk):
+        lf = pred[:, i:i + chunk].float()  # (B, c, V)
+        lse = lf.logsumexp(-1)  # (B, c)
+        lps.append(lf.gather(-1, target[:, i:i + chunk, None]).squeeze(-1) - lse)  # log p = z_y − logsumexp(z)
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ents.append(lse - (lf.softmax(-1) * lf).sum(-1))  # H = logsumexp(z) − Σ p·z
+    lp = torch.cat(lps, 1)  # (B, T)
+    return (lp, torch.cat(ents, 1)) if with_entropy else lp
+
+
+def step_gae(rewards, values, step_mask, gamma, lam):
+    """GAE over the steps of each episode (step_mask must select a prefix of the S slots). -> Â (B, S), G (B, S)."""
+    B, S = rewards.shape
+    advantages = torch.zeros_like(values)
+    last_gae, next_value = values.new_zeros(B), values.new_zeros(B)  # V after the last valid step = 0
+    for s in reversed(range(S)):  # S is small: a reverse loop over steps, vectorized over the batch
+        delta = rewards[:, s] + gamma * next_value - values[:, s]  # δ_t = r_t + γ·V(s_{t+1}) − V(s_t)
+        last_gae = torch.where(step_mask[:, s], delta + gamma * lam * last_gae, 0.0)  # Â_t = δ_t + γλ·Â_{t+1}
+        next_value = torch.where(step_mask[:, s], values[:, s], 0.0)
+        advantages[:, s] = last_gae
+    return advantages, torch.where(step_mask, advantages + values, 0.0)  # returns G_t = Â_t + V(s_t)
+
+
+def token_gae(rewards, values, mask, gamma, lam, skip_masked=False):
+    """Token-level GAE (authors' TRL code) -> Â (B, T), returns (B, T), zero outside `mask`.
+
+    skip_masked=False (TRL, the default of --advantage token): masked tokens get r = V = 0 but still count as
+    time steps, so credit decays by γλ per observation token. skip_masked=True (veRL): only masked-in tokens are
+    time steps; the next value of an action token is the next action token's value."""
+    B, T = rewards.shape
+    rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
+    advantages = torch.zeros_like(values)
+    last_gae, next_value = values.new_zeros(B), values.new_zeros(B)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        gae = delta + gamma * lam * last_gae
+        if skip_masked:  # carry the running estimate through masked tokens unchanged
+            last_gae = torch.where(mask[:, t], gae, last_gae)
+            next_value = torch.where(mask[:, t], values[:, t], next_value)
+        else:
+            last_gae, next_value = gae, values[:, t]
+        advantages[:, t] = last_gae
+    return torch.where(mask, advantages, 0.0), torch.where(mask, advantages + values, 0.0)
+
+
+def step_to_token(step_values, step_id, action_mask):
+    """Every action token of step t takes step_values[:, t]; 0 elsewhere. (B, S) -> (B, T)."""
+    gathered = step_values.gather(1, step_id.clamp(min=0))  # (B, T)
+    return torch.where(action_mask, gathered, 0.0)
+
+
+def values_at(values, index):
+    """values (B, T) read at token positions index (B, S) -> (B, S)."""
+    return values.gather(1, index.clamp(min=0))
+
+
+def state_values(values):
+    """V of the state before token t, i.e. the value head at position t−1 (contract 5): (B, T) -> (B, T)."""
+    return F.pad(values[:, :-1], (1, 0))
+
+
+def authors_scaling(step_rewards, step_mask):
+    """Released code (PAPER.md 1): r_t · (n_steps − 1 − t) for 0-based t; the final step's reward becomes 0."""
+    n_steps = step_mask.sum(1, keepdim=True)  # (B, 1)
+    t = torch.arange(step_rewards.shape[1], device=step_rewards.device)  # (S,)
+    return torch.where(step_mask, step_rewards * (n_steps - 1 - t), 0.0)
+
+
+def place_step_rewards_on_tokens(step_rewards, step_end, step_mask, T, authors_reward_scaling=False):
+    """Token mode: each step's reward on its last action token (one scatter). (B, S) -> (B, T)."""
+    if authors_reward_scaling:
+        step_rewards = authors_scaling(step_rewards, step_mask)
+    rewards = torch.where(step_mask, step_rewards, 0.0)
+    return rewards.new_zeros(rewards.shape[0], T).scatter_add_(1, step_end.clamp(min=0), rewards)
+
+
+def apply_kl_penalty(rewards, kl, beta, step_id=None):
+    """r − β·KL. Per token: rewards (B, T) − β·kl (B, T). With step_id: rewards (B, S) − β·Σ_{i∈step t} kl_i.
+
+    kl must already be zero outside action tokens (k1 = log π_old − log π_ref, contract 3)."""
+    if step_id is None:
+        return rewards - beta * kl
+    kl_step = torch.zeros_like(rewards).scatter_add_(1, step_id.clamp(min=0), kl)  # (B, S)
+    return rewards - beta * kl_step
+
+
+def _step_advantages(batch, values, rewards, kl, beta, cfg):
+    step_mask = batch["step_mask"]
+    r = apply_kl_penalty(rewards, kl, beta, batch["step_id"])  # (B, S)
+    v = values_at(values, batch["step_start"] - 1)  # V(s_t): value head just before the step's first token
+    adv, ret = step_gae(r, v, step_mask, cfg.gamma, cfg.lam)  # (B, S)
+    if cfg.whiten:
+        adv = masked_whiten(adv, step_mask)
+    am = batch["action_mask"]
+    return step_to_token(adv, batch["step_id"], am), step_to_token(ret, batch["step_id"], am)
+
+
+def _token_advantages(batch, values, rewards, kl, beta, cfg):
+    am = batch["action_mask"]
+    r = place_step_rewards_on_tokens(rewards, batch["step_end"], batch["step_mask"], am.shape[1])
+    r = apply_kl_penalty(r, kl, beta)  # (B, T)
+    adv, ret = token_gae(r, state_values(values), am, cfg.gamma, cfg.lam, skip_masked=cfg.token_gae == "skip")
+    return (masked_whiten(adv, am) if cfg.whiten else adv), ret
+
+
+ADVANTAGES = {"step": _step_advantages, "token": _token_advantages}
+
+
+def compute_advantages(batch, values, old_logprobs, ref_logprobs, cfg):
+    """Rewards -> KL-penalised rewards -> GAE -> per-token advantages (B, T), returns (B, T), stats (tensors).
+
+    values (B, T) is the raw value-head output; old/ref_logprobs (B, T) (ref None = no reference)."""
+    if cfg.advantage not in ADVANTAGES or cfg.token_gae not in ("trl", "skip"):
+        raise ValueError(f"advantage must be one of {list(ADVANTAGES)}, token_gae trl|skip; got {cfg}")
+    am, step_mask = batch["action_mask"], batch["step_mask"]
+    kl = torch.where(am, old_logprobs - ref_logprobs, 0.0) if ref_logprobs is not None else torch.zeros_like(values)
+    rewards = torch.where(step_mask, batch["step_rewards"], 0.0)  # (B, S)
+    if cfg.authors_reward_scaling:
+        rewards = authors_scaling(rewards, step_mask)
+    beta = 0.0 if cfg.kl_in_loss else cfg.kl_coef
+    adv, ret = ADVANTAGES[cfg.advantage](batch, values.float(), rewards, kl, beta, cfg)
+    stats = {"kl": masked_mean(kl, am), "reward": batch["step_rewards"].where(step_mask, 0.0).sum(1).mean()}
+    return adv, ret, stats
+
+
+def value_mask(batch, cfg):
+    """Where the value loss applies, in token positions of state_values (contract 5): (B, T) bool."""
+    if cfg.advantage == "token":
+        return batch["action_mask"]
+    start = torch.where(batch["step_mask"], batch["step_start"], 0)  # position 0 is never a step start
+    hits = torch.zeros_like(batch["action_mask"], dtype=torch.float32)
+    return hits.scatter_add_(1, start, batch["step_mask"].float()) > 0  # first action token of each step
+
+
+def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, entropy, action_mask, cfg,
+             normaliser, value_mask=None, value_normaliser=None, ref_logprobs=None):
+    """Clipped PPO loss on one micro-batch, every term Σ over its tokens / the mini-batch's token count.
+
+    All inputs (B, T); values are state values aligned with tokens (see state_values); value_mask defaults to
+    action_mask. Returns (loss, dict of detached tensors), summable over the micro-batches of a mini-batch."""
+    value_mask = action_mask if value_mask is None else value_mask
+    value_normaliser = normaliser if value_normaliser is None else value_normaliser
+
+    def total(x, mask, n):  # where, not *: a masked-out inf/nan must not reach the sum or its gradient
+        return torch.where(mask, x, 0.0).sum() / n
+
+    logratio = torch.where(action_mask, new_logprobs - old_logprobs, 0.0)
+    ratio = logratio.exp()  # π_θ(a|s) / π_old(a|s) per token
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    pg_loss = total(torch.max(pg_loss1, pg_loss2), action_mask, normaliser)  # −min(ρÂ, clip(ρ)Â)
+    v_clipped = old_values + (new_values - old_values).clamp(-cfg.vf_clip, cfg.vf_clip)
+    v_loss = 0.5 * total(torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2), value_mask,
+                         value_normaliser)
+    entropy_loss = total(entropy, action_mask, normaliser)
+    loss = pg_loss - cfg.ent_coef * entropy_loss + cfg.vf_coef * v_loss
+    stats = {"pg_loss": pg_loss, "v_loss": v_loss, "entropy": entropy_loss}
+    if cfg.kl_in_loss:  # k3 = exp(ref − new) − (ref − new) − 1 ≥ 0, unbiased for KL(π_θ ‖ π_ref)
+        d = torch.where(action_mask, ref_logprobs - new_logprobs, 0.0)
+        kl_loss = total(d.exp() - d - 1, action_mask, normaliser)
+        loss = loss + cfg.kl_coef * kl_loss
+        stats["kl_loss"] = kl_loss
+    with torch.no_grad():
+        stats["approx_kl"] = total((ratio - 1) - logratio, action_mask, normaliser)  # k3 of KL(old ‖ new)
+        stats["clipfrac"] = total(((ratio - 1).abs() > cfg.clip_eps).float(), action_mask, normaliser)
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def pack_microbatches(lengths, token_budget):
+    """Group episode indices so each group's rows × longest row ≤ token_budget (a longer row goes alone).
+
+    Sorted by length (longest first) so rows of similar length share a group and padding stays small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
+            groups[-1].append(i)  # the first row of a group is its longest
+        else:
+            groups.append([i])
+    return groups
+
+
+def padding_fraction(lengths, microbatches):
+    padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in microbatches)
+    return 1.0 - sum(lengths) / max(padded, 1)
+
+
+def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler=None, autocast_dtype=None,
+               device_type="cpu", on_step=None, generator=None):
+    """One PPO iteration on a collated batch; policy(input_ids, attention_mask) -> (logits (B,T,V), values (B,T)).
+
+    reference_logprobs_fn(input_ids, attention_mask) -> (B, T) log-probs of the reference policy (or None).
+    Returns a dict of floats, read from the device once at the end."""
+    t0 = time.perf_counter()
+    am, att, ids = batch["action_mask"], batch["attention_mask"], batch["input_ids"]
+    B, T = ids.shape
+    lengths = att.sum(1).tolist()  # host read, once: right padding, so row i is real on [0, lengths[i])
+    autocast = lambda: torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    rows = lambda mb: (torch.tensor(mb, device=ids.device), max(lengths[i] for i in mb))  # indices, trimmed T
+
+    # (1) π_old, V_old and π_ref under no grad, micro-batch by micro-batch
+    old_lp, values = torch.zeros(B, T, device=ids.device), torch.zeros(B, T, device=ids.device)
+    ref_lp = torch.zeros(B, T, device=ids.device) if reference_logprobs_fn else None
+    with torch.no_grad():
+        for mb in pack_microbatches(lengths, cfg.token_budget):
+            idx, L = rows(mb)
+            with autocast():
+                logits, v = policy(ids[idx, :L], att[idx, :L])
+                if ref_lp is not None:
+                    ref_lp[idx, :L] = reference_logprobs_fn(ids[idx, :L], att[idx, :L]).float()
+            old_lp[idx, :L], values[idx, :L] = token_logprobs(logits, ids[idx, :L]), v.float()
+    if cfg.use_sampling_logprobs:
+        old_lp = batch["old_logprobs"].float()
+
+    # (2) advantages and returns (B, T); the value head is trained where vmask is set
+    adv, ret, adv_stats = compute_advantages(batch, values, old_lp, ref_lp, cfg)
+    old_v, vmask = state_values(values), value_mask(batch, cfg)
+
+    # (3) epochs x mini-batches x micro-batches, one optimizer step per mini-batch
+    gen = generator or torch.Generator().manual_seed(cfg.seed)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    sums, n_steps, skipped, real, padded = {}, 0, 0, 0, 0
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=gen).tolist()
+        for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, B))]:
+            mini_idx = torch.tensor(mini, device=ids.device)
+            n_tok = am[mini_idx].sum().clamp(min=1)  # token mean over the whole mini-batch (contract 4)
+            n_val = vmask[mini_idx].sum().clamp(min=1)
+            micro = [[mini[j] for j in g] for g in pack_microbatches([lengths[i] for i in mini], cfg.token_budget)]
+            real, padded = real + sum(lengths[i] for i in mini), padded + sum(len(g) * rows(g)[1] for g in micro)
+            step_loss = torch.zeros((), device=ids.device)
+            for j, mb in enumerate(micro):
+                idx, L = rows(mb)
+                sync = j == len(micro) - 1 or not hasattr(policy, "no_sync")  # DDP: all-reduce on the last only
+                with nullcontext() if sync else policy.no_sync():
+                    with autocast():
+                        logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
+                    new_lp, ent = token_logprobs(logits, ids[idx, :L], with_entropy=True,
+                                                 entropy_grad=cfg.ent_coef > 0)
+                    loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v.float()),
+                                        old_v[idx, :L], ret[idx, :L], ent, am[idx, :L], cfg, n_tok,
+                                        vmask[idx, :L], n_val, None if ref_lp is None else ref_lp[idx, :L])
+                    (scaler.scale(loss) if scaler else loss).backward()
+                step_loss = step_loss + loss.detach()
+                for k, x in st.items():
+                    sums[k] = sums.get(k, 0.0) + x
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            # Numerical guard (one host sync per optimizer step): never apply a non-finite update.
+            if bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss)):
+                scaler.step(optimizer) if scaler else optimizer.step()
+            else:
+                skipped += 1
+            if scaler:
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            sums["loss"], sums["grad_norm"] = sums.get("loss", 0.0) + step_loss, sums.get("grad_norm", 0.0) + grad_norm
+            n_steps += 1
+            if on_step:
+                on_step()
+
+    # explained variance of the old values on the value targets: 1 − Var(G − V) / Var(G)
+    resid_var = masked_mean((ret - old_v - masked_mean(ret - old_v, vmask)) ** 2, vmask)
+    ret_var = masked_mean((ret - masked_mean(ret, vmask)) ** 2, vmask)
+    stats = {k: x / n_steps for k, x in sums.items()} | adv_stats
+    stats["explained_variance"] = 1 - resid_var / ret_var.clamp(min=1e-8)
+    names = list(stats)
+    out = dict(zip(names, torch.stack([torch.as_tensor(stats[k], device=ids.device).float() for k in names]).tolist()))
+    out.update(skipped_steps=skipped, optimizer_steps=n_steps, padding_fraction=1 - real / max(padded, 1),
+               tokens_per_s=sum(lengths) * (1 + cfg.ppo_epochs) / (time.perf_counter() - t0))
+    return out

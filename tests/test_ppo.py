@@ -1,0 +1,342 @@
+"""ppo.py against independent references: plain-Python loops, full log-softmax, numbers worked by hand."""
+import copy
+import math
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ppo
+from ppo import PPOConfig
+
+
+# ---------------------------------------------------------------- helpers (independent of the code under test)
+
+def make_batch(episodes, step_rewards):
+    """episodes: list of [(kind, tokens)] with kind in prompt|act|obs; step_rewards: list of per-step lists."""
+    rows = []
+    for segs in episodes:
+        ids, act, sid, starts, ends, step = [], [], [], [], [], -1
+        for kind, toks in segs:
+            if kind == "act":
+                step += 1
+                starts.append(len(ids))
+                ends.append(len(ids) + len(toks) - 1)
+            ids += toks
+            act += [kind == "act"] * len(toks)
+            sid += [-1 if kind == "prompt" else step] * len(toks)
+        rows.append((ids, act, sid, starts, ends))
+    B, T, S = len(rows), max(len(r[0]) for r in rows), max(len(r[3]) for r in rows)
+    b = {"input_ids": torch.zeros(B, T, dtype=torch.long), "attention_mask": torch.zeros(B, T, dtype=torch.bool),
+         "action_mask": torch.zeros(B, T, dtype=torch.bool), "step_id": torch.full((B, T), -1),
+         "old_logprobs": torch.zeros(B, T), "step_rewards": torch.zeros(B, S),
+         "step_mask": torch.zeros(B, S, dtype=torch.bool), "step_start": torch.zeros(B, S, dtype=torch.long),
+         "step_end": torch.zeros(B, S, dtype=torch.long)}
+    for i, (ids, act, sid, starts, ends) in enumerate(rows):
+        n, s = len(ids), len(starts)
+        b["input_ids"][i, :n] = torch.tensor(ids)
+        b["attention_mask"][i, :n] = True
+        b["action_mask"][i, :n] = torch.tensor(act)
+        b["step_id"][i, :n] = torch.tensor(sid)
+        b["step_rewards"][i, :s] = torch.tensor(step_rewards[i], dtype=torch.float32)
+        b["step_mask"][i, :s] = True
+        b["step_start"][i, :s] = torch.tensor(starts)
+        b["step_end"][i, :s] = torch.tensor(ends)
+    return b
+
+
+class MockPolicy(nn.Module):
+    """Per-position toy LM: the logits and value at position p depend only on token p."""
+
+    def __init__(self, vocab=12, dim=8, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb, self.head, self.value = nn.Embedding(vocab, dim), nn.Linear(dim, vocab), nn.Linear(dim, 1)
+        self.poison = False
+
+    def forward(self, input_ids, attention_mask):
+        h = self.emb(input_ids)
+        logits = self.head(h) * (float("nan") if self.poison else 1.0)
+        return logits, self.value(h).squeeze(-1)
+
+
+def loop_gae(rewards, values, gamma, lam):
+    """Textbook GAE on one list of time steps; V after the last step = 0."""
+    adv, last = [0.0] * len(rewards), 0.0
+    for t in reversed(range(len(rewards))):
+        nv = values[t + 1] if t + 1 < len(rewards) else 0.0
+        last = rewards[t] + gamma * nv - values[t] + gamma * lam * last
+        adv[t] = last
+    return adv, [a + v for a, v in zip(adv, values)]
+
+
+# ---------------------------------------------------------------- advantages
+
+def test_step_gae_matches_a_plain_python_loop_on_random_episodes_with_varying_step_counts():
+    rng = random.Random(0)
+    for _ in range(20):
+        B, S = rng.randint(1, 5), rng.randint(1, 6)
+        counts = [rng.randint(1, S) for _ in range(B)]
+        r, v = torch.randn(B, S), torch.randn(B, S)
+        mask = torch.tensor([[s < c for s in range(S)] for c in counts])
+        r[~mask], v[~mask] = float("nan"), 123.0  # garbage in padded slots must not leak
+        gamma, lam = rng.uniform(0.5, 1.0), rng.uniform(0.0, 1.0)
+        adv, ret = ppo.step_gae(r, v, mask, gamma, lam)
+        for i, c in enumerate(counts):
+            ea, er = loop_gae(r[i, :c].tolist(), v[i, :c].tolist(), gamma, lam)
+            torch.testing.assert_close(adv[i, :c], torch.tensor(ea))
+            torch.testing.assert_close(ret[i, :c], torch.tensor(er))
+            assert adv[i, c:].eq(0).all() and ret[i, c:].eq(0).all()
+
+
+def test_token_gae_counts_observation_tokens_as_time_steps_like_trl():
+    torch.manual_seed(1)
+    B, T, gamma, lam = 3, 17, 0.99, 0.95
+    r, v, mask = torch.randn(B, T), torch.randn(B, T), torch.rand(B, T) > 0.4
+    adv, ret = ppo.token_gae(r, v, mask, gamma, lam)
+    for i in range(B):  # TRL: r and V zeroed on masked tokens, every position is a time step
+        m = mask[i].float()
+        ea, er = loop_gae((r[i] * m).tolist(), (v[i] * m).tolist(), gamma, lam)
+        torch.testing.assert_close(adv[i], torch.tensor(ea) * m)
+        torch.testing.assert_close(ret[i], torch.tensor(er) * m)
+
+
+def test_token_gae_skipping_observation_tokens_matches_gae_over_action_tokens_only():
+    torch.manual_seed(2)
+    B, T, gamma, lam = 3, 17, 0.9, 0.8
+    r, v, mask = torch.randn(B, T), torch.randn(B, T), torch.rand(B, T) > 0.4
+    adv, ret = ppo.token_gae(r, v, mask, gamma, lam, skip_masked=True)
+    for i in range(B):
+        pos = mask[i].nonzero().flatten().tolist()
+        ea, er = loop_gae(r[i, pos].tolist(), v[i, pos].tolist(), gamma, lam)
+        torch.testing.assert_close(adv[i, pos], torch.tensor(ea))
+        torch.testing.assert_close(ret[i, pos], torch.tensor(er))
+        assert adv[i][~mask[i]].eq(0).all()
+
+
+def test_step_mode_reads_v_before_each_steps_first_action_token_and_spreads_advantages_over_its_tokens():
+    b = make_batch([[("prompt", [1, 2]), ("act", [3, 4]), ("obs", [5]), ("act", [6, 7, 8])]], [[0.5, 1.0]])
+    values = torch.arange(8, dtype=torch.float32).view(1, 8) / 10  # value at position p = p / 10
+    cfg = PPOConfig(whiten=False, gamma=0.9, lam=0.8)
+    adv, ret, _ = ppo.compute_advantages(b, values, torch.zeros(1, 8), None, cfg)
+    v1, v2 = 0.1, 0.4  # V(s_1) at position 1 (last prompt token), V(s_2) at position 4 (the observation)
+    a2 = 1.0 - v2
+    a1 = (0.5 + 0.9 * v2 - v1) + 0.9 * 0.8 * a2
+    expected = torch.tensor([[0, 0, a1, a1, 0, a2, a2, a2]])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret, torch.tensor([[0, 0, a1 + v1, a1 + v1, 0, a2 + v2, a2 + v2, a2 + v2]]))
+    assert ppo.value_mask(b, cfg).tolist() == [[False, False, True, False, False, True, False, False]]
+
+
+def test_kl_penalty_in_step_mode_sums_the_kl_of_the_steps_action_tokens():
+    b = make_batch([[("prompt", [1]), ("act", [3, 4]), ("obs", [5]), ("act", [6])]], [[0.0, 1.0]])
+    old = torch.tensor([[0.0, -1.0, -1.0, -9.0, -1.0]])
+    ref = torch.tensor([[0.0, -1.5, -2.0, -1.0, -3.0]])
+    kl = torch.where(b["action_mask"], old - ref, 0.0)  # [0, .5, 1, 0(obs), 2]
+    r = ppo.apply_kl_penalty(b["step_rewards"], kl, 0.1, b["step_id"])
+    torch.testing.assert_close(r, torch.tensor([[-0.15, 0.8]]))
+    torch.testing.assert_close(ppo.apply_kl_penalty(torch.zeros(1, 5), kl, 0.1), -0.1 * kl)
+
+
+def test_authors_reward_scaling_multiplies_by_steps_left_so_the_final_reward_vanishes():
+    rewards, mask = torch.tensor([[1.0, 0.5, 1.0], [0.5, 1.0, 0.0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
+    end = torch.tensor([[2, 5, 8], [1, 3, 0]])
+    plain = ppo.place_step_rewards_on_tokens(rewards, end, mask, 10)
+    scaled = ppo.place_step_rewards_on_tokens(rewards, end, mask, 10, authors_reward_scaling=True)
+    assert plain[0, [2, 5, 8]].tolist() == [1.0, 0.5, 1.0] and plain.sum().item() == 4.0
+    assert scaled[0, [2, 5, 8]].tolist() == [2.0, 0.5, 0.0]  # (T−1−t) = 2, 1, 0 with T = 3 steps
+    assert scaled[1, [1, 3]].tolist() == [0.5, 0.0] and scaled[1].sum().item() == 0.5
+
+
+def test_masked_helpers_raise_a_clear_error_on_an_empty_mask_and_whiten_over_the_batch():
+    with pytest.raises(ValueError, match="no element"):
+        ppo.masked_mean(torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+    x, m = torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 5.0]]), torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    w = ppo.masked_whiten(x, m)
+    sel = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    torch.testing.assert_close(w[m], (sel - 3) / sel.var(unbiased=False).sqrt(), atol=1e-5, rtol=1e-5)
+    assert w[0, 2] == 0
+    torch.testing.assert_close(ppo.masked_whiten(x, m, shift_mean=False)[m], w[m] + 3)
+
+
+# ---------------------------------------------------------------- log-probs
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 6, 7, 100, None])
+def test_token_logprobs_equal_log_softmax_gather_for_every_chunk_size(chunk):
+    torch.manual_seed(3)
+    logits, ids = torch.randn(2, 7, 11), torch.randint(0, 11, (2, 7))
+    lp, ent = ppo.token_logprobs(logits, ids, with_entropy=True, chunk=chunk)
+    ref = F.log_softmax(logits, -1)
+    expected = torch.cat([torch.zeros(2, 1), ref[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)], 1)
+    torch.testing.assert_close(lp, expected)
+    expected_ent = torch.cat([torch.zeros(2, 1), -(ref.exp() * ref).sum(-1)[:, :-1]], 1)
+    torch.testing.assert_close(ent, expected_ent)
+    torch.testing.assert_close(ppo.token_logprobs(logits, ids, chunk=chunk), expected)
+
+
+def test_token_logprobs_of_bfloat16_logits_are_float32_and_a_single_token_gives_zero():
+    torch.manual_seed(4)
+    logits, ids = torch.randn(1, 5, 9).bfloat16(), torch.randint(0, 9, (1, 5))
+    lp = ppo.token_logprobs(logits, ids, chunk=2)
+    assert lp.dtype == torch.float32
+    ref = F.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(lp[:, 1:], ref)
+    assert ppo.token_logprobs(torch.randn(2, 1, 9), torch.zeros(2, 1, dtype=torch.long)).eq(0).all()
+
+
+# ---------------------------------------------------------------- loss
+
+def test_ppo_loss_on_a_hand_computed_two_token_example():
+    mask = torch.tensor([[False, True, True, False]])
+    old = torch.tensor([[0.0, -1.0, -2.0, 0.0]])
+    new = old + torch.tensor([[0.0, math.log(1.5), math.log(0.9), 5.0]])  # ratios 1.5 and 0.9 on the actions
+    adv = torch.tensor([[0.0, 1.0, -2.0, 0.0]])
+    old_v, new_v = torch.tensor([[0.0, 0.5, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.1, 0.0]])
+    ret, ent = torch.tensor([[0.0, 1.0, 1.0, 0.0]]), torch.tensor([[0.0, 2.0, 1.0, 7.0]])
+    cfg = PPOConfig(clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, ent_coef=0.01)
+    loss, st = ppo.ppo_loss(new, old, adv, new_v, old_v, ret, ent, mask, cfg, torch.tensor(2.0))
+    # token 1: max(−1·1.5, −1·1.2) = −1.2 (clipped); token 2: max(2·0.9, 2·0.9) = 1.8  -> (−1.2 + 1.8) / 2
+    assert st["pg_loss"].item() == pytest.approx(0.3)
+    # token 1: max((1−1)², (0.7−1)²) = 0.09 (value clipped to 0.5+0.2); token 2: (0.1−1)² = 0.81 -> ½·0.9/2
+    assert st["v_loss"].item() == pytest.approx(0.225)
+    assert st["entropy"].item() == pytest.approx(1.5)
+    assert loss.item() == pytest.approx(0.3 + 0.1 * 0.225 - 0.01 * 1.5)
+    assert st["clipfrac"].item() == pytest.approx(0.5)
+    assert st["approx_kl"].item() == pytest.approx(((0.5 - math.log(1.5)) + (-0.1 - math.log(0.9))) / 2)
+
+
+def test_with_ratio_one_and_no_clipping_the_gradient_is_the_policy_gradient_estimate():
+    torch.manual_seed(5)
+    B, T, V = 2, 6, 7
+    logits, ids = torch.randn(B, T, V, requires_grad=True), torch.randint(0, V, (B, T))
+    mask, adv = torch.rand(B, T) > 0.3, torch.randn(B, T)
+    mask[:, 0] = False
+    new = ppo.token_logprobs(logits, ids, chunk=4)
+    cfg = PPOConfig(clip_eps=1e9, vf_coef=0.0, ent_coef=0.0)
+    zeros = torch.zeros(B, T)
+    n = mask.sum()
+    loss, _ = ppo.ppo_loss(new, new.detach(), adv, zeros, zeros, zeros, zeros, mask, cfg, n)
+    (g,) = torch.autograd.grad(loss, logits)
+    logp = F.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # independent reference
+    reference = -(adv[:, 1:] * logp * mask[:, 1:]).sum() / n  # −Σ Â·log π / N
+    (g_ref,) = torch.autograd.grad(reference, logits)
+    torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("kl_in_loss", [False, True])
+def test_observation_prompt_and_padding_tokens_receive_exactly_zero_gradient(kl_in_loss):
+    b = make_batch([[("prompt", [1, 2]), ("act", [3, 4]), ("obs", [5, 6]), ("act", [7])],
+                    [("prompt", [1]), ("act", [8])]], [[0.5, 1.0], [0.0]])
+    B, T, V = 2, 7, 12
+    logits, values = torch.randn(B, T, V, requires_grad=True), torch.randn(B, T, requires_grad=True)
+    # garbage where the masks say "ignore": must not leak into the loss or its gradient
+    old = torch.where(b["action_mask"], torch.randn(B, T), 1e4)
+    ref = torch.where(b["action_mask"], torch.randn(B, T), -1e4)
+    cfg = PPOConfig(ent_coef=0.1, kl_in_loss=kl_in_loss, kl_coef=0.5)
+    adv, ret, _ = ppo.compute_advantages(b, values.detach(), old, ref, cfg)
+    vm = ppo.value_mask(b, cfg)
+    new, ent = ppo.token_logprobs(logits, b["input_ids"], with_entropy=True)
+    old_v = ppo.state_values(values.detach()) + 0.05
+    loss, _ = ppo.ppo_loss(new, old, adv, ppo.state_values(values), old_v, ret, ent, b["action_mask"], cfg,
+                           b["action_mask"].sum(), vm, vm.sum(), ref)
+    loss.backward()
+    predicts_action = F.pad(b["action_mask"][:, 1:], (0, 1))  # logits at p predict token p+1
+    assert logits.grad[~predicts_action].eq(0).all() and logits.grad[predicts_action].abs().sum() > 0
+    reads_state = F.pad(vm[:, 1:], (0, 1))  # value at p is V(s) of the step whose first token is p+1
+    assert values.grad[~reads_state].eq(0).all() and values.grad[reads_state].ne(0).all()
+
+
+# ---------------------------------------------------------------- packing
+
+def greedy_unsorted(lengths, budget):
+    groups = []
+    for i, n in enumerate(lengths):
+        g = groups[-1] if groups else None
+        if g and (len(g) + 1) * max(n, max(lengths[j] for j in g)) <= budget:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def test_packing_puts_every_episode_in_exactly_one_microbatch_within_the_token_budget():
+    rng = random.Random(6)
+    for _ in range(50):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 40))]
+        budget = rng.randint(50, 1200)  # from "a row alone" to "several rows per micro-batch"
+        mbs = ppo.pack_microbatches(lengths, budget)
+        assert sorted(i for mb in mbs for i in mb) == list(range(len(lengths)))
+        for mb in mbs:
+            assert len(mb) * max(lengths[i] for i in mb) <= budget or len(mb) == 1
+        frac = ppo.padding_fraction(lengths, mbs)
+        assert 0.0 <= frac < 1.0
+
+
+def test_sorted_packing_pads_less_than_packing_in_arrival_order():
+    rng = random.Random(7)
+    for _ in range(50):  # budgets that hold >= 4 rows: where sorting matters (with 1-2 rows either can win)
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(8, 64))]
+        budget = rng.randint(1200, 4000)
+        frac = ppo.padding_fraction(lengths, ppo.pack_microbatches(lengths, budget))
+        assert frac <= ppo.padding_fraction(lengths, greedy_unsorted(lengths, budget))
+
+
+def test_padding_fraction_is_zero_for_equal_lengths_and_counts_padded_slots_otherwise():
+    assert ppo.padding_fraction([4, 4, 4], [[0, 1, 2]]) == 0.0
+    assert ppo.padding_fraction([4, 2], [[0, 1]]) == pytest.approx(2 / 8)
+
+
+# ---------------------------------------------------------------- the update
+
+def bandit_batch(n=8):
+    """After token 3 the policy acts 5 (reward 1) or 6 (reward 0); everything else is context."""
+    eps = [[("prompt", [1, 2, 3]), ("act", [5 if i % 2 == 0 else 6, 9]), ("obs", [10, 11]), ("act", [4])]
+           for i in range(n)]
+    return make_batch(eps, [[1.0, 0.0] if i % 2 == 0 else [0.0, 0.0] for i in range(n)])
+
+
+def logprob_of(policy, tok):
+    with torch.no_grad():
+        return F.log_softmax(policy(torch.tensor([[3]]), None)[0][0, 0], -1)[tok].item()
+
+
+def test_ppo_update_raises_the_logprob_of_positive_advantage_actions():
+    policy, b = MockPolicy(), bandit_batch()
+    opt = torch.optim.Adam(policy.parameters(), lr=0.05)
+    before = logprob_of(policy, 5) - logprob_of(policy, 6)
+    cfg = PPOConfig(ppo_epochs=2, minibatches=2, token_budget=16)
+    for _ in range(5):
+        stats = ppo.ppo_update(policy, opt, b, cfg, reference_logprobs_fn=lambda i, a: torch.zeros(i.shape))
+    assert logprob_of(policy, 5) - logprob_of(policy, 6) > before + 1.0
+    assert stats["skipped_steps"] == 0 and stats["optimizer_steps"] == 4
+    for k in ("approx_kl", "clipfrac", "entropy", "v_loss", "pg_loss", "kl", "reward", "explained_variance",
+              "tokens_per_s", "padding_fraction"):
+        assert isinstance(stats[k], float) and math.isfinite(stats[k]), k
+    assert stats["reward"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("advantage", ["step", "token"])
+def test_gradient_accumulation_over_microbatches_equals_one_big_batch(advantage):
+    b = bandit_batch(6)
+    results = []
+    for budget in (8, 10_000):  # one row per micro-batch vs the whole mini-batch at once
+        policy = MockPolicy(seed=7)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+        cfg = PPOConfig(ppo_epochs=1, minibatches=1, token_budget=budget, advantage=advantage, max_grad_norm=1e9)
+        ppo.ppo_update(policy, opt, b, cfg)
+        results.append(torch.cat([p.flatten() for p in policy.parameters()]))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_a_non_finite_loss_skips_the_step_and_leaves_the_parameters_unchanged():
+    policy, b = MockPolicy(), bandit_batch(4)
+    policy.poison = True
+    before = copy.deepcopy(policy.state_dict())
+    opt = torch.optim.AdamW(policy.parameters(), lr=0.1, weight_decay=0.1)
+    stats = ppo.ppo_update(policy, opt, b, PPOConfig(ppo_epochs=2, minibatches=2))
+    assert stats["skipped_steps"] == 4 == stats["optimizer_steps"]
+    for k, v in policy.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in policy.parameters())
