@@ -1,34 +1,27 @@
-"""Step-grained PPO for StepTool (Yu et al., arXiv 2410.07745, sec. "Step-grained optimisation").
-
-train.py calls `ppo_update(policy, optimizer, batch, cfg)` once per iteration on a batch from rollout.collate;
-the rest are small pure functions it is built from (tests call them one by one).
-
+"""Step-grained PPO for StepTool (arXiv 2410.07745). train.py calls `ppo_update(policy, optimizer, batch, cfg)`
+once per iteration on a batch from rollout.collate; the rest are the small pure functions it is built from.
     ∇J ≈ E[ Σ_t Â_t · Σ_i ∇ log π_θ(a_t^i | s_t, a_t^{<i}) ]   every token of step t shares the step's Â_t
-    δ_t = r_t + γ·V(s_{t+1}) − V(s_t)   (V after the last step = 0),   Â_t = Σ_l (γλ)^l · δ_{t+l}
-
-Implementation choices not in the paper (each a flag or a comment below):
- 1. Advantage whitening (TRL, lm-human-preferences): Â is whitened over the batch, over steps in step mode
-    (each step one sample) and over action tokens in token mode (as TRL). `whiten`.
- 2. Value clipping (PPO2 baselines, TRL; the authors use 0.2): v_loss = ½·max((V−G)², (V_clip−G)²). `vf_clip`.
+    δ_t = r_t + γ·V(s_{t+1}) − V(s_t)  (V after the last step = 0),   Â_t = Σ_l (γλ)^l · δ_{t+l}
+Implementation choices not in the paper (each a flag or a comment at the code):
+ 1. Advantage whitening over the batch (TRL, lm-human-preferences): over steps in step mode (one sample per
+    step), over action tokens in token mode (as TRL). `whiten`.
+ 2. Value clipping (PPO2 baselines, TRL; authors 0.2): v_loss = ½·max((V−G)², (V_clip−G)²). `vf_clip`.
  3. KL placement (Ziegler et al. / TRL, as the paper): k1 = log π_old − log π_ref per action token, subtracted
-    from the reward, summed over each step's tokens in step mode. `kl_in_loss` instead adds β·k3 to the loss
-    (GRPO / Schulman's k3 estimator). We use a fixed β; the authors use TRL's adaptive controller (init 0.3).
- 4. Token aggregation (CleanRL-style token mean, as TRL): every loss term is a sum over action tokens divided
-    by the action-token count of the whole optimizer mini-batch, so gradient accumulation over micro-batches is
-    exact; long steps therefore weigh more than short ones (a per-step mean would not).
- 5. Value head placement: the value at position p estimates the state after token p, so V(s_t) is read at
-    step_start−1 (the token before the step's first action token). In step mode V is trained only there, on
-    the step's return G_t — the same numbers the advantage uses, one sample per step.
- 6. Old log-probs are recomputed under the current policy before the update (equal to the sampling log-probs
-    at temperature 1 up to numerics, and right for any sampling temperature); `use_sampling_logprobs` keeps
-    the rollout's.
- 7. Authors' released code (PAPER.md 1–2), as flags: `advantage="token"` runs TRL's token-level GAE with each
-    step's reward on its last action token, observation tokens counted as time steps (`token_gae="trl"`, the
-    default; "skip" = veRL's GAE over action tokens only); `authors_reward_scaling` multiplies step t's reward
-    by (T−1−t), which zeroes the final IsSolved reward.
+    from the reward (summed over each step's tokens in step mode). `kl_in_loss`: +β·k3 in the loss instead
+    (GRPO, Schulman's k3). Fixed β; the authors use TRL's adaptive controller (initial 0.3).
+ 4. Token aggregation (token mean, as TRL/CleanRL): each loss term is Σ over action tokens / the action-token
+    count of the whole optimizer mini-batch, so gradient accumulation over micro-batches is exact; long steps
+    weigh more than short ones (a per-step mean would not).
+ 5. The value head at position p estimates the state after token p: V(s_t) is read at step_start−1; in step
+    mode V is trained only there, on G_t (the numbers the advantage uses, one sample per step).
+ 6. Old log-probs are recomputed under the current policy before the update: equal to the sampling log-probs
+    at temperature 1 up to numerics, right for any temperature; `use_sampling_logprobs` keeps the rollout's.
+ 7. The released code (PAPER.md 1-2) as flags: `advantage="token"` = TRL token-level GAE, each step's reward on
+    its last action token, observation tokens counted as time steps (`token_gae="trl"`, default; "skip" is
+    veRL's GAE over action tokens only); `authors_reward_scaling` multiplies step t's reward by
+    (n_steps − 1 − t), which zeroes the final IsSolved reward.
 Shapes: B batch (episodes), T tokens, S steps, V vocabulary.
 """
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -64,9 +57,9 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
     advantage: str = "step"
-    """"step": GAE over tool steps (paper); "token": token-level GAE (authors' code)"""
+    """step: GAE over tool steps (paper); token: token-level GAE (authors' code)"""
     token_gae: str = "trl"
-    """token mode only: "trl" counts observation tokens as time steps (authors); "skip" skips them (veRL)"""
+    """token mode: trl counts observation tokens as time steps (authors, default); skip: veRL's GAE"""
     whiten: bool = True
     """whiten advantages over the batch (see contract 1)"""
     authors_reward_scaling: bool = False
@@ -86,20 +79,18 @@ def masked_mean(x, mask):
 def masked_whiten(x, mask, shift_mean=True):
     """(x − mean) / std over the masked elements of the whole batch; shift_mean=False adds the mean back."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    out = (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask) + 1e-8)
     return torch.where(mask, out if shift_mean else out + mean, 0.0)
 
 
 def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chunk=None):
-    """log π(input_ids[:, t] | input_ids[:, <t]) for t ≥ 1, 0 at t = 0: (B, T); with_entropy also returns H (B, T).
-
-    Gather minus logsumexp, `chunk` positions at a time in float32: never a float32 (B, T, V) log-softmax."""
+    """log π(input_ids[:, t] | input_ids[:, <t]) for t ≥ 1, 0 at t = 0: (B, T) [and entropy H (B, T)]. Gather minus
+    logsumexp, `chunk` positions at a time in float32: never a float32 (B, T, V) log-softmax."""
     B, T, V = logits.shape
     chunk = chunk or max(1, 2**25 // (B * V))  # ~128 MB of float32 per chunk
-    # THE shift (the only one): logits at position t−1 predict token t. Position 0 has no prediction.
+    # THE logits shift, the only one in the project: logits at t−1 predict token t; position 0 has none.
     pred, target = logits[:, :-1], input_ids[:, 1:]  # (B, T−1, V), (B, T−1)
-    lps, ents = [logits.new_zeros(B, 1, dtype=torch.float32)], [logits.new_zeros(B, 1, dtype=torch.float32)]
+    lps, ents = [torch.zeros(B, 1, device=logits.device)], [torch.zeros(B, 1, device=logits.device)]
     for i in range(0, T - 1, chunk):
         lf = pred[:, i:i + chunk].float()  # (B, c, V)
         lse = lf.logsumexp(-1)  # (B, c)
@@ -125,11 +116,9 @@ def step_gae(rewards, values, step_mask, gamma, lam):
 
 
 def token_gae(rewards, values, mask, gamma, lam, skip_masked=False):
-    """Token-level GAE (authors' TRL code) -> Â (B, T), returns (B, T), zero outside `mask`.
-
-    skip_masked=False (TRL, the default of --advantage token): masked tokens get r = V = 0 but still count as
-    time steps, so credit decays by γλ per observation token. skip_masked=True (veRL): only masked-in tokens are
-    time steps; the next value of an action token is the next action token's value."""
+    """Token-level GAE -> Â (B, T), returns (B, T), 0 outside mask. skip_masked=False (TRL, authors, default of
+    --advantage token): masked tokens get r = V = 0 but still count as time steps, so credit decays by γλ per
+    observation token. True (veRL): only action tokens are time steps; next value = next action token's."""
     B, T = rewards.shape
     rewards, values = torch.where(mask, rewards, 0.0), torch.where(mask, values, 0.0)
     advantages = torch.zeros_like(values)
@@ -148,8 +137,7 @@ def token_gae(rewards, values, mask, gamma, lam, skip_masked=False):
 
 def step_to_token(step_values, step_id, action_mask):
     """Every action token of step t takes step_values[:, t]; 0 elsewhere. (B, S) -> (B, T)."""
-    gathered = step_values.gather(1, step_id.clamp(min=0))  # (B, T)
-    return torch.where(action_mask, gathered, 0.0)
+    return torch.where(action_mask, step_values.gather(1, step_id.clamp(min=0)), 0.0)  # (B, T)
 
 
 def values_at(values, index):
@@ -158,44 +146,36 @@ def values_at(values, index):
 
 
 def state_values(values):
-    """V of the state before token t, i.e. the value head at position t−1 (contract 5): (B, T) -> (B, T)."""
+    """V of the state before token t = value head at t−1 (its own convention, contract 5): (B, T) -> (B, T)."""
     return F.pad(values[:, :-1], (1, 0))
 
 
 def authors_scaling(step_rewards, step_mask):
     """Released code (PAPER.md 1): r_t · (n_steps − 1 − t) for 0-based t; the final step's reward becomes 0."""
-    n_steps = step_mask.sum(1, keepdim=True)  # (B, 1)
     t = torch.arange(step_rewards.shape[1], device=step_rewards.device)  # (S,)
-    return torch.where(step_mask, step_rewards * (n_steps - 1 - t), 0.0)
+    return torch.where(step_mask, step_rewards * (step_mask.sum(1, keepdim=True) - 1 - t), 0.0)
 
 
-def place_step_rewards_on_tokens(step_rewards, step_end, step_mask, T, authors_reward_scaling=False):
+def place_step_rewards_on_tokens(step_rewards, step_end, step_mask, T):
     """Token mode: each step's reward on its last action token (one scatter). (B, S) -> (B, T)."""
-    if authors_reward_scaling:
-        step_rewards = authors_scaling(step_rewards, step_mask)
     rewards = torch.where(step_mask, step_rewards, 0.0)
     return rewards.new_zeros(rewards.shape[0], T).scatter_add_(1, step_end.clamp(min=0), rewards)
 
 
 def apply_kl_penalty(rewards, kl, beta, step_id=None):
-    """r − β·KL. Per token: rewards (B, T) − β·kl (B, T). With step_id: rewards (B, S) − β·Σ_{i∈step t} kl_i.
-
-    kl must already be zero outside action tokens (k1 = log π_old − log π_ref, contract 3)."""
-    if step_id is None:
-        return rewards - beta * kl
-    kl_step = torch.zeros_like(rewards).scatter_add_(1, step_id.clamp(min=0), kl)  # (B, S)
-    return rewards - beta * kl_step
+    """r − β·KL per token: (B, T) − β·kl (B, T); with step_id per step: (B, S) − β·Σ_{i∈step t} kl_i.
+    kl (B, T) must be 0 outside action tokens (k1 = log π_old − log π_ref, contract 3)."""
+    if step_id is not None:
+        kl = torch.zeros_like(rewards).scatter_add_(1, step_id.clamp(min=0), kl)  # (B, S)
+    return rewards - beta * kl
 
 
 def _step_advantages(batch, values, rewards, kl, beta, cfg):
-    step_mask = batch["step_mask"]
     r = apply_kl_penalty(rewards, kl, beta, batch["step_id"])  # (B, S)
     v = values_at(values, batch["step_start"] - 1)  # V(s_t): value head just before the step's first token
-    adv, ret = step_gae(r, v, step_mask, cfg.gamma, cfg.lam)  # (B, S)
-    if cfg.whiten:
-        adv = masked_whiten(adv, step_mask)
-    am = batch["action_mask"]
-    return step_to_token(adv, batch["step_id"], am), step_to_token(ret, batch["step_id"], am)
+    adv, ret = step_gae(r, v, batch["step_mask"], cfg.gamma, cfg.lam)  # (B, S)
+    adv = masked_whiten(adv, batch["step_mask"]) if cfg.whiten else adv
+    return [step_to_token(x, batch["step_id"], batch["action_mask"]) for x in (adv, ret)]
 
 
 def _token_advantages(batch, values, rewards, kl, beta, cfg):
@@ -237,12 +217,10 @@ def value_mask(batch, cfg):
 
 def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, returns, entropy, action_mask, cfg,
              normaliser, value_mask=None, value_normaliser=None, ref_logprobs=None):
-    """Clipped PPO loss on one micro-batch, every term Σ over its tokens / the mini-batch's token count.
-
-    All inputs (B, T); values are state values aligned with tokens (see state_values); value_mask defaults to
-    action_mask. Returns (loss, dict of detached tensors), summable over the micro-batches of a mini-batch."""
-    value_mask = action_mask if value_mask is None else value_mask
-    value_normaliser = normaliser if value_normaliser is None else value_normaliser
+    """Clipped PPO loss of one micro-batch: each term Σ over its tokens / the mini-batch's token count. Inputs
+    (B, T); values are state_values (token-aligned); value_mask/value_normaliser default to the action ones.
+    Returns (loss, dict of detached tensors) that sum over the micro-batches of a mini-batch to its means."""
+    value_mask, value_normaliser = (action_mask, normaliser) if value_mask is None else (value_mask, value_normaliser)
 
     def total(x, mask, n):  # where, not *: a masked-out inf/nan must not reach the sum or its gradient
         return torch.where(mask, x, 0.0).sum() / n
@@ -258,7 +236,7 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
     entropy_loss = total(entropy, action_mask, normaliser)
     loss = pg_loss - cfg.ent_coef * entropy_loss + cfg.vf_coef * v_loss
     stats = {"pg_loss": pg_loss, "v_loss": v_loss, "entropy": entropy_loss}
-    if cfg.kl_in_loss:  # k3 = exp(ref − new) − (ref − new) − 1 ≥ 0, unbiased for KL(π_θ ‖ π_ref)
+    if cfg.kl_in_loss and ref_logprobs is not None:  # k3 = e^(ref−new) − (ref−new) − 1 ≥ 0
         d = torch.where(action_mask, ref_logprobs - new_logprobs, 0.0)
         kl_loss = total(d.exp() - d - 1, action_mask, normaliser)
         loss = loss + cfg.kl_coef * kl_loss
@@ -290,86 +268,76 @@ def padding_fraction(lengths, microbatches):
 
 def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler=None, autocast_dtype=None,
                device_type="cpu", on_step=None, generator=None):
-    """One PPO iteration on a collated batch; policy(input_ids, attention_mask) -> (logits (B,T,V), values (B,T)).
-
-    reference_logprobs_fn(input_ids, attention_mask) -> (B, T) log-probs of the reference policy (or None).
-    Returns a dict of floats, read from the device once at the end."""
-    t0 = time.perf_counter()
+    """One PPO iteration on a collated batch; policy(input_ids, attention_mask) -> (logits (B,T,V), values (B,T)),
+    reference_logprobs_fn(input_ids, attention_mask) -> (B, T). Returns floats, read from the device once."""
+    t0, dev = time.perf_counter(), batch["input_ids"].device
     am, att, ids = batch["action_mask"], batch["attention_mask"], batch["input_ids"]
-    B, T = ids.shape
-    lengths = att.sum(1).tolist()  # host read, once: right padding, so row i is real on [0, lengths[i])
-    autocast = lambda: torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    rows = lambda mb: (torch.tensor(mb, device=ids.device), max(lengths[i] for i in mb))  # indices, trimmed T
+    lengths = att.sum(1).tolist()  # one host read: right padding, row i is real on [0, lengths[i])
+    autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
+    def rows(mb):  # a micro-batch: its row indices and its own longest length (trim the shared padding)
+        return torch.tensor(mb, device=dev), max(lengths[i] for i in mb)
 
     # (1) π_old, V_old and π_ref under no grad, micro-batch by micro-batch
-    old_lp, values = torch.zeros(B, T, device=ids.device), torch.zeros(B, T, device=ids.device)
-    ref_lp = torch.zeros(B, T, device=ids.device) if reference_logprobs_fn else None
+    old_lp, values = torch.zeros(ids.shape, device=dev), torch.zeros(ids.shape, device=dev)  # (B, T)
+    ref_lp = torch.zeros(ids.shape, device=dev) if reference_logprobs_fn else None
     with torch.no_grad():
-        for mb in pack_microbatches(lengths, cfg.token_budget):
-            idx, L = rows(mb)
-            with autocast():
-                logits, v = policy(ids[idx, :L], att[idx, :L])
+        for idx, L in map(rows, pack_microbatches(lengths, cfg.token_budget)):
+            with autocast:
+                logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
                 if ref_lp is not None:
                     ref_lp[idx, :L] = reference_logprobs_fn(ids[idx, :L], att[idx, :L]).float()
             old_lp[idx, :L], values[idx, :L] = token_logprobs(logits, ids[idx, :L]), v.float()
-    if cfg.use_sampling_logprobs:
-        old_lp = batch["old_logprobs"].float()
+    old_lp = batch["old_logprobs"].float() if cfg.use_sampling_logprobs else old_lp
 
-    # (2) advantages and returns (B, T); the value head is trained where vmask is set
+    # (2) advantages and returns (B, T); the value loss applies where vmask is set
     adv, ret, adv_stats = compute_advantages(batch, values, old_lp, ref_lp, cfg)
     old_v, vmask = state_values(values), value_mask(batch, cfg)
 
-    # (3) epochs x mini-batches x micro-batches, one optimizer step per mini-batch
+    # (3) epochs × shuffled mini-batches (one optimizer step each) × micro-batches (gradient accumulation)
     gen = generator or torch.Generator().manual_seed(cfg.seed)
     params = [p for p in policy.parameters() if p.requires_grad]
-    sums, n_steps, skipped, real, padded = {}, 0, 0, 0, 0
+    sums, step, n_steps, skipped, real, padded = {}, {}, 0, 0, 0, 0
     for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=gen).tolist()
-        for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, B))]:
-            mini_idx = torch.tensor(mini, device=ids.device)
-            n_tok = am[mini_idx].sum().clamp(min=1)  # token mean over the whole mini-batch (contract 4)
-            n_val = vmask[mini_idx].sum().clamp(min=1)
+        perm = torch.randperm(len(lengths), generator=gen).tolist()
+        for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, len(perm)))]:
+            mini_idx = torch.tensor(mini, device=dev)
+            n_tok, n_val = am[mini_idx].sum().clamp(min=1), vmask[mini_idx].sum().clamp(min=1)  # contract 4
             micro = [[mini[j] for j in g] for g in pack_microbatches([lengths[i] for i in mini], cfg.token_budget)]
             real, padded = real + sum(lengths[i] for i in mini), padded + sum(len(g) * rows(g)[1] for g in micro)
-            step_loss = torch.zeros((), device=ids.device)
-            for j, mb in enumerate(micro):
-                idx, L = rows(mb)
-                sync = j == len(micro) - 1 or not hasattr(policy, "no_sync")  # DDP: all-reduce on the last only
-                with nullcontext() if sync else policy.no_sync():
-                    with autocast():
+            step = {"loss": 0.0}
+            for j, (idx, L) in enumerate(map(rows, micro)):
+                last = j == len(micro) - 1 or not hasattr(policy, "no_sync")
+                with nullcontext() if last else policy.no_sync():  # DDP: all-reduce on the last micro-batch only
+                    with autocast:
                         logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
-                    new_lp, ent = token_logprobs(logits, ids[idx, :L], with_entropy=True,
-                                                 entropy_grad=cfg.ent_coef > 0)
+                    new_lp, ent = token_logprobs(logits, ids[idx, :L], True, entropy_grad=cfg.ent_coef > 0)
                     loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v.float()),
                                         old_v[idx, :L], ret[idx, :L], ent, am[idx, :L], cfg, n_tok,
                                         vmask[idx, :L], n_val, None if ref_lp is None else ref_lp[idx, :L])
                     (scaler.scale(loss) if scaler else loss).backward()
-                step_loss = step_loss + loss.detach()
-                for k, x in st.items():
-                    sums[k] = sums.get(k, 0.0) + x
+                for k, x in (st | {"loss": loss.detach()}).items():
+                    step[k] = step.get(k, 0.0) + x
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            # Numerical guard (one host sync per optimizer step): never apply a non-finite update.
-            if bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss)):
+            step["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            # Numerical guard, the one host sync per optimizer step: never apply a non-finite update.
+            if bool(torch.isfinite(step["grad_norm"]) & torch.isfinite(step["loss"])):
                 scaler.step(optimizer) if scaler else optimizer.step()
+                sums = {k: sums.get(k, 0.0) + x for k, x in step.items()}
             else:
                 skipped += 1
             if scaler:
                 scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            sums["loss"], sums["grad_norm"] = sums.get("loss", 0.0) + step_loss, sums.get("grad_norm", 0.0) + grad_norm
             n_steps += 1
             if on_step:
                 on_step()
 
     # explained variance of the old values on the value targets: 1 − Var(G − V) / Var(G)
-    resid_var = masked_mean((ret - old_v - masked_mean(ret - old_v, vmask)) ** 2, vmask)
-    ret_var = masked_mean((ret - masked_mean(ret, vmask)) ** 2, vmask)
-    stats = {k: x / n_steps for k, x in sums.items()} | adv_stats
-    stats["explained_variance"] = 1 - resid_var / ret_var.clamp(min=1e-8)
-    names = list(stats)
-    out = dict(zip(names, torch.stack([torch.as_tensor(stats[k], device=ids.device).float() for k in names]).tolist()))
-    out.update(skipped_steps=skipped, optimizer_steps=n_steps, padding_fraction=1 - real / max(padded, 1),
-               tokens_per_s=sum(lengths) * (1 + cfg.ppo_epochs) / (time.perf_counter() - t0))
-    return out
+    var = lambda x: masked_mean((x - masked_mean(x, vmask)) ** 2, vmask)  # noqa: E731
+    stats = {k: sums.get(k, float("nan")) / max(n_steps - skipped, 1) for k in step} | adv_stats
+    stats["explained_variance"] = 1 - var(ret - old_v) / var(ret).clamp(min=1e-8)
+    out = dict(zip(stats, torch.stack([torch.as_tensor(x, device=dev).float() for x in stats.values()]).tolist()))
+    return out | dict(skipped_steps=skipped, optimizer_steps=n_steps, padding_fraction=1 - real / max(padded, 1),
+                      tokens_per_s=sum(lengths) * (1 + cfg.ppo_epochs) / (time.perf_counter() - t0))

@@ -144,7 +144,7 @@ def test_authors_reward_scaling_multiplies_by_steps_left_so_the_final_reward_van
     rewards, mask = torch.tensor([[1.0, 0.5, 1.0], [0.5, 1.0, 0.0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
     end = torch.tensor([[2, 5, 8], [1, 3, 0]])
     plain = ppo.place_step_rewards_on_tokens(rewards, end, mask, 10)
-    scaled = ppo.place_step_rewards_on_tokens(rewards, end, mask, 10, authors_reward_scaling=True)
+    scaled = ppo.place_step_rewards_on_tokens(ppo.authors_scaling(rewards, mask), end, mask, 10)
     assert plain[0, [2, 5, 8]].tolist() == [1.0, 0.5, 1.0] and plain.sum().item() == 4.0
     assert scaled[0, [2, 5, 8]].tolist() == [2.0, 0.5, 0.0]  # (T−1−t) = 2, 1, 0 with T = 3 steps
     assert scaled[1, [1, 3]].tolist() == [0.5, 0.0] and scaled[1].sum().item() == 0.5
@@ -340,3 +340,51 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_the_parameters_unchanged():
     for k, v in policy.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in policy.parameters())
+
+
+class NoSyncPolicy(MockPolicy):
+    """Stands in for DistributedDataParallel: counts the micro-batches run under no_sync()."""
+
+    def __init__(self):
+        super().__init__()
+        self.unsynced = 0
+
+    def no_sync(self):
+        policy = self
+
+        class Ctx:
+            def __enter__(self):
+                policy.unsynced += 1
+
+            def __exit__(self, *exc):
+                return False
+        return Ctx()
+
+
+def test_ddp_style_policies_skip_the_gradient_all_reduce_on_all_but_the_last_microbatch():
+    policy, b = NoSyncPolicy(), bandit_batch(8)
+    cfg = PPOConfig(ppo_epochs=1, minibatches=2, token_budget=8)  # 8 tokens a row: one row per micro-batch
+    ppo.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.01), b, cfg)
+    assert policy.unsynced == 2 * (4 - 1)
+
+
+@pytest.mark.parametrize("dtype,scaled", [(torch.bfloat16, False), (torch.float16, True)])
+def test_ppo_update_runs_under_autocast_with_and_without_a_grad_scaler(dtype, scaled):
+    policy, b = MockPolicy(), bandit_batch(4)
+    scaler = torch.amp.GradScaler("cpu") if scaled else None
+    stats = ppo.ppo_update(policy, torch.optim.Adam(policy.parameters(), lr=0.01), b,
+                           PPOConfig(ppo_epochs=1, minibatches=2), scaler=scaler, autocast_dtype=dtype)
+    assert stats["skipped_steps"] == 0 and math.isfinite(stats["pg_loss"])
+
+
+def test_kl_in_the_loss_and_sampling_logprobs_flags_run_and_the_same_seed_gives_the_same_update():
+    b = bandit_batch(6)
+    cfg = PPOConfig(kl_in_loss=True, kl_coef=0.5, use_sampling_logprobs=True, ppo_epochs=2, minibatches=3)
+    params = []
+    for _ in range(2):
+        policy = MockPolicy(seed=3)
+        ref = lambda ids, att: torch.full(ids.shape, -2.0)  # noqa: E731
+        stats = ppo.ppo_update(policy, torch.optim.Adam(policy.parameters(), lr=0.01), b, cfg, ref)
+        params.append(torch.cat([p.flatten() for p in policy.parameters()]))
+    assert stats["kl_loss"] > 0 and stats["kl"] == pytest.approx(2.0)  # old (sampling) log-probs are 0
+    assert torch.equal(params[0], params[1])
