@@ -299,7 +299,7 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler
     params = [p for p in policy.parameters() if p.requires_grad]
     sums, step, n_steps, skipped, real, padded = {}, {}, 0, 0, 0, 0
     for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(len(lengths), generator=gen).tolist()
+        perm = torch.randperm(len(lengths), generator=gen, device=gen.device).tolist()
         for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, len(perm)))]:
             mini_idx = torch.tensor(mini, device=dev)
             n_tok, n_val = am[mini_idx].sum().clamp(min=1), vmask[mini_idx].sum().clamp(min=1)  # contract 4
