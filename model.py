@@ -1,0 +1,702 @@
+"""A hand-written Llama / Mistral / Qwen2 / Qwen3 decoder that reads and writes Hugging Face checkpoints.
+
+Who calls it: rollout.py (KVCache, extend, decode), ppo.py/train.py (PolicyWithValue, LoRA, lora_disabled as the
+reference policy), sft.py (from-scratch ModelConfig + Transformer), checkpoint.py (save_pretrained).
+Module names equal the HF checkpoint keys (model.layers.N.self_attn.q_proj, lm_head, ...), RoPE uses HF's
+rotate_half layout, so loading is "build on the meta device, assign the tensors" with no permutation.
+
+Deviations and choices (vs transformers / the StepTool authors' code, which used HF + TRL):
+ 1. Only model_type llama | mistral | qwen2 | qwen3, hidden_act silu, rope default | linear | llama3. Sliding-window
+    attention that would change results (window < max_position_embeddings) is refused, not implemented.
+ 2. Default position ids are per row `cumsum(attention_mask) - 1`, so left padding and holes change nothing;
+    HF's forward uses 0..T-1 whatever the mask (HF's generate() does what we do).
+ 3. Every query may attend to itself, even a padding query: no all-masked softmax row, no NaN. Padding outputs
+    are garbage by design and never read.
+ 4. KV cache: one shared write pointer for the whole batch; rows with shorter chunks leave masked holes
+    (cheaper bookkeeping than per-row pointers, costs a few slots). RoPE positions are per row, so holes are free.
+ 5. decode() feeds every sampled token (stop token included) into the cache; the next extend() appends only new
+    tokens. Finished rows keep stepping with a masked pad until the batched "all done" check (every 8 tokens).
+ 6. Sampling by the exponential-race trick (argmax of log p - log E, E ~ Exp(1)): no host sync, same law as
+    multinomial. Greedy (temperature 0) reports the model's own log-prob, not the log 1 = 0 of a point mass.
+ 7. ValueHead starts at zero (V = 0 everywhere), a common critic init; TRL uses a small random init.
+ 8. RoPE frequencies are recomputed in float32 per device (not a buffer), so .to(bfloat16) never rounds them.
+
+Shape legend: B batch, T tokens, S cache slots, V vocabulary, H query heads, K kv heads, D head dim, C model dim,
+L layers, F MLP dim, r LoRA rank.
+"""
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer as HFTokenizer
+
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+# ----------------------------------------------------------------------------------------------------- config
+@dataclass
+class ModelConfig:
+    """The subset of HF config.json this model needs. Field names are HF's."""
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None     # None -> num_attention_heads (MHA); fewer -> GQA
+    head_dim: int | None = None                # None -> hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None           # {"rope_type": "linear"|"llama3", "factor": ..., ...} or None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False               # bias on q/k/v (and o for llama/qwen3); qwen2 forces q/k/v only
+    mlp_bias: bool = False                     # llama only
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {self.model_type!r} (supported: {', '.join(MODEL_TYPES)})")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """Read a config.json dict written by transformers 4.x (rope_theta/rope_scaling) or 5.x (rope_parameters)."""
+        mt = d.get("model_type")
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {mt!r} (supported: {', '.join(MODEL_TYPES)})")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only silu)")
+        max_pos = d.get("max_position_embeddings", 2048)
+        window = d.get("sliding_window")
+        sliding = (mt == "mistral" or (d.get("use_sliding_window") and (
+            "sliding_attention" in (d.get("layer_types") or []) or d["num_hidden_layers"] > d.get("max_window_layers", 28))))
+        if sliding and window is not None and window < max_pos:
+            raise ValueError(f"unsupported sliding_window {window} < max_position_embeddings {max_pos} ({mt})")
+        rope = d.get("rope_parameters") or {}
+        if rope and not any(k in rope for k in ("rope_type", "type", "rope_theta")):
+            raise ValueError(f"unsupported per-layer rope_parameters {sorted(rope)}")
+        scaling = dict(rope or d.get("rope_scaling") or {})
+        theta = scaling.pop("rope_theta", d.get("rope_theta", 10000.0))
+        scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
+        if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(f"unsupported partial_rotary_factor {scaling['partial_rotary_factor']}")
+        scaling.pop("partial_rotary_factor", None)
+        qwen2 = mt == "qwen2"
+        return cls(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"], num_key_value_heads=d.get("num_key_value_heads"),
+            head_dim=d.get("head_dim"), max_position_embeddings=max_pos, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=None if scaling["rope_type"] == "default" else scaling,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            attention_bias=qwen2 or (mt != "mistral" and d.get("attention_bias", False)),
+            mlp_bias=mt == "llama" and d.get("mlp_bias", False),
+            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
+
+    def to_hf(self) -> dict:
+        """config.json for transformers 5 (rope_parameters); qwen/mistral windows written as off."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("rope_theta", "rope_scaling")}
+        d.update(architectures=[MODEL_TYPES[self.model_type]], hidden_act="silu",
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})})
+        if self.model_type == "qwen2":
+            del d["attention_bias"], d["mlp_bias"]
+        if self.model_type in ("qwen2", "qwen3"):
+            d.update(use_sliding_window=False, sliding_window=None)
+        if self.model_type == "mistral":
+            d.update(sliding_window=None)
+        return d
+
+
+# ------------------------------------------------------------------------------------------------------ layers
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        # y = w · x / sqrt(mean(x²) + ε), computed in float32 like HF
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
+    """θ_i = theta^(-2i/D), then the configured scaling.  (D/2,) float32"""
+    D = cfg.head_dim
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.int64).float() / D)
+    sc = cfg.rope_scaling or {"rope_type": "default"}
+    if sc["rope_type"] == "linear":                  # position p -> p / factor
+        inv = inv / sc["factor"]
+    elif sc["rope_type"] == "llama3":                # Llama 3.1: long wavelengths / factor, short kept, smooth between
+        factor, lo, hi, old = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"], sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv
+
+
+def rotate_half(x):                                  # (x1, x2) -> (-x2, x1) on the two halves of D
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):                         # x (B, H, T, D); cos/sin (B, 1, T, D)
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.H, self.K, self.D = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_bias, o_bias = cfg.attention_bias, cfg.attention_bias and cfg.model_type != "qwen2"
+        self.q_proj = nn.Linear(cfg.hidden_size, self.H * self.D, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.K * self.D, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.K * self.D, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.H * self.D, cfg.hidden_size, bias=o_bias)
+        if cfg.model_type == "qwen3":                # per-head RMSNorm on q and k, before RoPE
+            self.q_norm, self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps), RMSNorm(self.D, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache):     # x (B, T, C); mask None (causal) or (B, 1, T, S) bool
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, self.D)
+        k = self.k_proj(x).view(B, T, self.K, self.D)
+        v = self.v_proj(x).view(B, T, self.K, self.D).transpose(1, 2)          # (B, K, T, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)                             # (B, H, T, D)
+        k = apply_rope(k.transpose(1, 2), cos, sin)                             # (B, K, T, D)
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v)                                # (B, K, S, D) up to the new tokens
+        # GQA: SDPA broadcasts each kv head over H/K query heads itself (enable_gqa), no repeat_kv copy
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.H != self.K)         # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.H * self.D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        C, Fd, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj, self.up_proj = nn.Linear(C, Fd, bias=b), nn.Linear(C, Fd, bias=b)
+        self.down_proj = nn.Linear(Fd, C, bias=b)
+
+    def forward(self, x):                            # SwiGLU: W_down (silu(W_gate x) ⊙ W_up x)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.Module()                     # a bare container so parameter names read "model.layers.0..."
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.model.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+        self._inv_freq = {}                          # device -> (D/2,) float32; see deviation 8
+
+    @staticmethod
+    def _init_weights(m):                            # from-scratch init, as HF: N(0, 0.02), zero bias, unit norms
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden=False,
+                logits_to_keep=None):
+        B, T = input_ids.shape
+        dev, mask = input_ids.device, None
+        if cache is not None:
+            m = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            if position_ids is None:                 # per-row positions continue where each row stopped
+                position_ids = (cache.next_pos[:, None] + m.cumsum(1) - 1).clamp(min=0)
+            mask = cache.reserve(m)                  # (B, 1, T, S)
+        elif attention_mask is not None:
+            m = attention_mask.bool()
+            # Host sync (one per forward): right padding or none -> plain causal SDPA (the fast kernel), because a
+            # causal query never sees the pads after it. Left padding / holes need the explicit mask.
+            if not torch.equal(m, m.int().cummin(1).values.bool()):
+                if position_ids is None:
+                    position_ids = (m.cumsum(1) - 1).clamp(min=0)
+                causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+                mask = (causal & m[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)  # see deviation 3
+                mask = mask[:, None]                 # (B, 1, T, T)
+        if position_ids is None:
+            position_ids = torch.arange(T, device=dev)[None]                    # (1, T)
+        if dev not in self._inv_freq:
+            self._inv_freq[dev] = rope_inv_freq(self.config, dev)
+        freqs = position_ids[..., None].float() * self._inv_freq[dev]           # (B, T, D/2): p · θ_i
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                        # (B, 1, T, D)
+        cos, sin = emb.cos(), emb.sin()
+        x = self.model.embed_tokens(input_ids)                                  # (B, T, C)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.advance(T, m)
+        x = self.model.norm(x)                                                  # hidden: what lm_head sees
+        logits = self.lm_head(x if logits_to_keep is None else x[:, logits_to_keep])   # (B, T, V)
+        return (logits, x) if return_hidden else logits
+
+
+class ValueHead(nn.Module):
+    """The critic: V(h_t) = w·h_t + b on the final hidden state. Zero init (deviation 7)."""
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.proj.weight), nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden):                       # (B, T, C) -> (B, T) float32
+        return self.proj(hidden).squeeze(-1).float()
+
+
+class PolicyWithValue(nn.Module):
+    """Actor and critic in one module and one forward, so DDP / one backward sees both."""
+    def __init__(self, model: Transformer, value_head: ValueHead):
+        super().__init__()
+        self.model, self.value_head = model, value_head
+
+    def forward(self, input_ids, attention_mask=None):
+        logits, hidden = self.model(input_ids, attention_mask=attention_mask, return_hidden=True)
+        return logits, self.value_head(hidden)       # (B, T, V), (B, T) float32
+
+
+# ------------------------------------------------------------------------------------------ KV cache + sampling
+class KVCache:
+    """Static cache written by index (deviation 4). Slot j of row b holds a real token iff valid[b, j]."""
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device="cpu", dtype=torch.float32):
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)                 # (L, B, K, S_max, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)   # (B, S_max)
+        self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)         # (B,) next RoPE position
+        self.length, self.max_len = 0, max_len      # shared write pointer (python int: no sync)
+
+    @property
+    def batch_size(self):
+        return self.valid.shape[0]
+
+    def reserve(self, m):                            # m (B, T) bool -> attention mask (B, 1, T, S) for these tokens
+        T, s = m.shape[1], self.length
+        if s + T > self.max_len:
+            raise ValueError(f"KV cache full: {s} used + {T} new slots > max_len {self.max_len}")
+        self.valid[:, s:s + T] = m
+        q_slot = torch.arange(s, s + T, device=m.device)[:, None]              # (T, 1)
+        k_slot = torch.arange(s + T, device=m.device)[None]                    # (1, S)
+        mask = ((k_slot <= q_slot) & self.valid[:, None, :s + T]) | (k_slot == q_slot)   # (B, T, S); deviation 3
+        return mask[:, None]
+
+    def write(self, layer, k, v):                    # k, v (B, K, T, D) -> the layer's (B, K, S, D) views
+        s, T = self.length, k.shape[2]
+        self.k[layer, :, :, s:s + T] = k
+        self.v[layer, :, :, s:s + T] = v
+        return self.k[layer, :, :, :s + T], self.v[layer, :, :, :s + T]
+
+    def advance(self, T, m):
+        self.length += T
+        self.next_pos += m.sum(1)
+
+    def keep(self, rows: torch.Tensor):
+        """Keep only these batch rows (finished episodes leave the batch)."""
+        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
+
+
+@torch.no_grad()
+def extend(model, cache: KVCache, chunks: list[list[int]]) -> torch.Tensor:
+    """Append one token list per row (left-padded into one block, pads masked) in one forward.
+    Returns the logits at each row's last new token, (B, V)."""
+    if len(chunks) != cache.batch_size:
+        raise ValueError(f"extend: {len(chunks)} chunks for a cache of {cache.batch_size} rows")
+    if any(len(c) == 0 for c in chunks):
+        raise ValueError("extend: every row needs at least one new token")
+    W = max(map(len, chunks))
+    ids = torch.tensor([[0] * (W - len(c)) + list(c) for c in chunks])                      # (B, W)
+    m = torch.tensor([[False] * (W - len(c)) + [True] * len(c) for c in chunks])
+    dev = cache.valid.device
+    logits = model(ids.to(dev), attention_mask=m.to(dev), cache=cache, logits_to_keep=slice(-1, None))
+    return logits[:, -1]                                                                      # (B, V)
+
+
+def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """logits (B, V) -> token (B,), log-prob (B,) float32 under the processed distribution (deviation 6)."""
+    logits = logits.float()
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    if top_k > 0:                                    # keep the k largest
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:                                  # nucleus: keep tokens whose preceding mass is < top_p
+        srt, idx = logits.sort(-1, descending=True)
+        p = srt.softmax(-1)
+        drop = (p.cumsum(-1) - p) >= top_p
+        logits = logits.scatter(1, idx, srt.masked_fill(drop, -math.inf))
+    logp = logits.log_softmax(-1)                                                            # (B, V)
+    e = torch.empty_like(logp).exponential_(generator=generator)
+    tok = (logp - e.log()).argmax(-1)                # exponential race == multinomial(p), no host sync
+    return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+def _stop_table(stop_ids, B, dev):                   # list[int] or list[list[int]] -> (B, n) long, -1 padded
+    rows = [list(stop_ids)] * B if not stop_ids or isinstance(stop_ids[0], int) else [list(s) for s in stop_ids]
+    n = max(1, max(map(len, rows)))
+    return torch.tensor([r + [-1] * (n - len(r)) for r in rows], device=dev)
+
+
+@torch.no_grad()
+def decode(model, cache: KVCache, last_logits, max_new_tokens, stop_ids, temperature=1.0, top_k=0, top_p=1.0,
+           generator=None, stop_strings=None, tokenizer=None, check_every=8):
+    """Sample per row until a stop id (kept in the output) or its max_new_tokens; every sampled token enters the
+    cache (deviation 5). Returns (tokens, logprobs) as python lists."""
+    B, dev = last_logits.shape[0], last_logits.device
+    max_new = torch.as_tensor(max_new_tokens, device=dev).long().expand(B)                   # (B,)
+    n_steps = int(max_new.max()) if B else 0         # host sync, once
+    stops = _stop_table(stop_ids, B, dev)                                                    # (B, n)
+    tokens = torch.zeros(B, n_steps, dtype=torch.long, device=dev)
+    logps = torch.zeros(B, n_steps, dtype=torch.float32, device=dev)
+    n_gen = torch.zeros(B, dtype=torch.long, device=dev)
+    done = max_new <= 0
+    start, scanned = cache.length, [0] * B           # slot of each row's generated token j is start + j
+    logits = last_logits
+    for i in range(n_steps):
+        tok, lp = sample(logits, temperature, top_k, top_p, generator)
+        active = ~done
+        tokens[:, i], logps[:, i] = tok.masked_fill(done, 0), lp.masked_fill(done, 0.0)
+        n_gen += active
+        done = done | (active & (tok[:, None] == stops).any(-1)) | (n_gen >= max_new)
+        logits = model(tokens[:, i:i + 1], attention_mask=active[:, None], cache=cache)[:, -1]
+        if (i + 1) % check_every == 0 or i + 1 == n_steps:
+            if stop_strings:
+                done = done | _stop_strings(tokens, n_gen, cache, start, scanned, stop_strings, tokenizer)
+            if bool(done.all()):                     # host sync, once every `check_every` tokens
+                break
+    n, toks, lps = n_gen.tolist(), tokens.tolist(), logps.tolist()                          # one transfer
+    return [t[:k] for t, k in zip(toks, n)], [p[:k] for p, k in zip(lps, n)]
+
+
+def _stop_strings(tokens, n_gen, cache, start, scanned, stop_strings, tokenizer):
+    """Truncate rows whose text contains a stop string right after the token completing it: the tokens sampled
+    past it leave the output and their cache slots become holes, with next_pos rewound."""
+    hit = torch.zeros_like(n_gen, dtype=torch.bool)
+    n = n_gen.tolist()
+    for b, toks in enumerate(tokens.tolist()):
+        if n[b] <= scanned[b]:
+            continue
+        if any(s in tokenizer.decode(toks[:n[b]]) for s in stop_strings):
+            j = next(j for j in range(scanned[b], n[b]) if any(s in tokenizer.decode(toks[:j + 1]) for s in stop_strings))
+            cache.valid[b, start + j + 1:start + n[b]] = False
+            cache.next_pos[b] -= n[b] - (j + 1)
+            n_gen[b], hit[b], n[b] = j + 1, True, j + 1
+        scanned[b] = n[b] if not hit[b] else 1 << 60    # a truncated row is finished: never rescan it
+    return hit
+
+
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens=64, stop_ids=None, **sampling):
+    """Convenience: a fresh cache, one extend over the prompts, one decode. -> (tokens, logprobs)"""
+    p = next(model.parameters())
+    cache = KVCache(model.config, len(prompts), max(map(len, prompts)) + int(torch.as_tensor(max_new_tokens).max()),
+                    p.device, p.dtype)
+    last = extend(model, cache, prompts)
+    return decode(model, cache, last, max_new_tokens, tokenizer.eos_ids if stop_ids is None else stop_ids,
+                  tokenizer=tokenizer, **sampling)
+
+
+# ------------------------------------------------------------------------------------------------- tokenizer
+class Tokenizer:
+    """Thin wrapper over tokenizers.Tokenizer. encode adds no special tokens; decode keeps them."""
+    def __init__(self, hf: HFTokenizer, bos_id=None, eos_id=None, pad_id=None, eos_ids=None):
+        eos_ids = [i for i in [eos_id, *(eos_ids or [])] if i is not None]
+        if not eos_ids:
+            raise ValueError("tokenizer has no eos token (set eos_token_id in config.json or generation_config.json)")
+        self.hf, self.bos_id, self.eos_id = hf, bos_id, eos_ids[0]
+        self.eos_ids = list(dict.fromkeys(eos_ids))  # all stop ids, primary first
+        self.pad_id = self.eos_id if pad_id is None else pad_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, s: str):
+        return self.hf.token_to_id(s)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_dir(cls, path: str, config: dict | None = None) -> "Tokenizer":
+        """tokenizer.json + ids from tokenizer_config.json (token strings), generation_config.json, config.json."""
+        file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file} not found")
+        hf = HFTokenizer.from_file(file)
+        tc, gc, cc = _read_json(path, "tokenizer_config.json"), _read_json(path, "generation_config.json"), config or {}
+
+        def from_token(key):                         # "<s>" or {"content": "<s>", ...} -> id
+            t = tc.get(key)
+            return hf.token_to_id(t["content"] if isinstance(t, dict) else t) if t else None
+
+        def ids(key):
+            out = []
+            for d in (gc, cc):
+                v = d.get(key)
+                out += v if isinstance(v, list) else [] if v is None else [v]
+            return out
+
+        first = lambda *xs: next((x for x in xs if x is not None), None)  # noqa: E731
+        eos = [from_token("eos_token"), *ids("eos_token_id")]
+        return cls(hf, bos_id=first(from_token("bos_token"), *ids("bos_token_id")), eos_ids=eos,
+                   pad_id=first(from_token("pad_token"), *ids("pad_token_id")))
+
+    def save(self, path: str):
+        tok = lambda i: None if i is None else self.hf.id_to_token(i)  # noqa: E731
+        _atomic(os.path.join(path, "tokenizer.json"), lambda f: self.hf.save(f))
+        _write_json(os.path.join(path, "tokenizer_config.json"), {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok(self.bos_id), "eos_token": tok(self.eos_id),
+            "pad_token": tok(self.pad_id), "add_bos_token": False, "add_eos_token": False})
+
+
+# ---------------------------------------------------------------------------------------------------- files
+def _read_json(path, name, required=False) -> dict:
+    file = os.path.join(path, name)
+    if not os.path.exists(file):
+        if required:
+            raise FileNotFoundError(f"{file} not found")
+        return {}
+    try:
+        with open(file) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON ({e})") from None
+
+
+def _atomic(file, write):                            # write(tmp) -> fsync -> rename: no half-written file survives
+    tmp = file + ".tmp"
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+
+
+def _write_json(file, d):
+    _atomic(file, lambda t: open(t, "w").write(json.dumps(d, indent=2) + "\n"))
+
+
+def load_pretrained(path, device="cpu", dtype=torch.float32):
+    """HF checkpoint directory -> (Transformer, Tokenizer). Built on the meta device and filled tensor by tensor,
+    so at most one full copy of the weights (plus one tensor) exists at any time."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such model directory")
+    raw = _read_json(path, "config.json", required=True)
+    config = ModelConfig.from_hf(raw)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = sorted(set(_read_json(path, "model.safetensors.index.json")["weight_map"].values()))
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    with torch.device("meta"):                       # NOTE: meta device -- do not touch weights before loading
+        model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    state = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file} not found (listed in the index)")
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq") or (key == "lm_head.weight" and config.tie_word_embeddings):
+                        continue
+                    if key not in expected:
+                        raise ValueError(f"{file}: unexpected tensor {key}")
+                    t = f.get_tensor(key)
+                    if t.shape != expected[key]:
+                        raise ValueError(f"{file}: {key} has shape {tuple(t.shape)}, expected {tuple(expected[key])}")
+                    state[key] = t.to(dtype)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{path}: missing weights {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()                              # assign replaced embed_tokens.weight: re-point lm_head at it
+    tokenizer = Tokenizer.from_dir(path, raw)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}")
+    return model.eval(), tokenizer
+
+
+def _merged_state(model) -> dict:
+    """The model's weights with every LoRA delta folded in, without changing the model. Tied lm_head dropped."""
+    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and not m.merged:
+            state[name + ".weight"] = m.weight + m.delta()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def save_pretrained(model, tokenizer, path, adapter_only=False):
+    """Write an HF checkpoint directory (LoRA merged into the weights), or with adapter_only the PEFT-style
+    adapter_model.safetensors + adapter_config.json."""
+    os.makedirs(path, exist_ok=True)
+    if adapter_only:
+        loras = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        if not loras:
+            raise ValueError("save_pretrained(adapter_only=True): the model has no LoRA adapters")
+        m0 = next(iter(loras.values()))
+        tensors = {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().contiguous()
+                   for n, m in loras.items() for ab in "AB"}
+        _atomic(os.path.join(path, "adapter_model.safetensors"), lambda t: save_file(tensors, t, {"format": "pt"}))
+        _write_json(os.path.join(path, "adapter_config.json"), {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": m0.r, "lora_alpha": m0.alpha,
+            "lora_dropout": m0.dropout.p, "bias": "none", "target_modules": sorted({n.split(".")[-1] for n in loras})})
+        return
+    tensors = _merged_state(model)
+    _atomic(os.path.join(path, "model.safetensors"), lambda t: save_file(tensors, t, {"format": "pt"}))
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    _write_json(os.path.join(path, "config.json"), {**model.config.to_hf(), "dtype": dtype})
+    eos = tokenizer.eos_ids if len(tokenizer.eos_ids) > 1 else tokenizer.eos_id
+    _write_json(os.path.join(path, "generation_config.json"),
+                {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id})
+    tokenizer.save(path)
+
+
+def save_value_head(head: ValueHead, path):
+    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
+    _atomic(os.path.join(path, "value_head.safetensors"), lambda t: save_file(tensors, t, {"format": "pt"}))
+
+
+def load_value_head(path, hidden_size, device="cpu", dtype=torch.float32) -> ValueHead:
+    file = os.path.join(path, "value_head.safetensors")
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"{file} not found")
+    with safe_open(file, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    head = ValueHead(hidden_size)
+    head.load_state_dict(state)
+    return head.to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA
+class LoRALinear(nn.Module):
+    """y = W x + b + (α/r) · B A dropout(x). Keeps the base Parameter objects (same names, no copy)."""
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.weight, self.bias, self.r, self.alpha, self.scale = base.weight, base.bias, r, alpha, alpha / r
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))    # A random, B = 0 -> the adapter starts as a no-op
+        self.dropout, self.enabled, self.merged = nn.Dropout(dropout), True, False
+
+    def delta(self):                                 # ΔW = (α/r) B A   (out, in)
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.enabled and not self.merged:
+            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return y
+
+
+def add_lora(model, r=8, alpha=16, dropout=0.0,
+             targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+    """Freeze every base weight and wrap the nn.Linear layers named in `targets`. Returns the model."""
+    model.requires_grad_(False)
+    for name, m in list(model.named_modules()):
+        for child, sub in list(m.named_children()):
+            if child in targets and isinstance(sub, nn.Linear):
+                setattr(m, child, LoRALinear(sub, r, alpha, dropout))
+    return model
+
+
+def _loras(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def lora_disabled(model):
+    """The frozen base model (the PPO reference policy) without a second copy in memory."""
+    loras, merged = _loras(model), [m.merged for m in _loras(model)]
+    unmerge_lora(model)
+    for m in loras:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(loras, merged):
+            m.enabled = True
+            if was:
+                merge_lora_module(m)
+
+
+@torch.no_grad()
+def merge_lora_module(m):
+    if not m.merged:
+        m.weight += m.delta()
+        m.merged = True
+
+
+def merge_lora(model):                               # W <- W + ΔW: same outputs, no adapter cost at inference
+    for m in _loras(model):
+        merge_lora_module(m)
+
+
+@torch.no_grad()
+def unmerge_lora(model):
+    for m in _loras(model):
+        if m.merged:
+            m.weight -= m.delta()
+            m.merged = False
+
+
+def lora_state_dict(model) -> dict:
+    """Adapter weights only, under the model's own parameter names."""
+    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}
