@@ -635,6 +635,7 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))    # A random, B = 0 -> the adapter starts as a no-op
         self.dropout, self.enabled, self.merged = nn.Dropout(dropout), True, False
+        self.train(base.training)                    # an eval() model stays in eval mode (no LoRA dropout)
 
     def delta(self):                                 # ΔW = (α/r) B A   (out, in)
         return (self.lora_B @ self.lora_A) * self.scale
