@@ -580,7 +580,7 @@ def _merged_state(model) -> dict:
             state[name + ".weight"] = m.weight + m.delta()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
-    return {k: v.detach().contiguous() for k, v in state.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def save_pretrained(model, tokenizer, path, adapter_only=False):
@@ -640,6 +640,12 @@ class LoRALinear(nn.Module):
     def delta(self):                                 # ΔW = (α/r) B A   (out, in)
         return (self.lora_B @ self.lora_A) * self.scale
 
+    @torch.no_grad()
+    def merge(self, on: bool):                       # W <- W + ΔW (merge) or W - ΔW (unmerge); same outputs
+        if self.merged != on:
+            self.weight += self.delta() if on else -self.delta()
+            self.merged = on
+
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.enabled and not self.merged:
@@ -665,37 +671,27 @@ def _loras(model):
 @contextmanager
 def lora_disabled(model):
     """The frozen base model (the PPO reference policy) without a second copy in memory."""
-    loras, merged = _loras(model), [m.merged for m in _loras(model)]
-    unmerge_lora(model)
+    loras = _loras(model)
+    merged = [m.merged for m in loras]
     for m in loras:
+        m.merge(False)
         m.enabled = False
     try:
         yield model
     finally:
         for m, was in zip(loras, merged):
             m.enabled = True
-            if was:
-                merge_lora_module(m)
+            m.merge(was)
 
 
-@torch.no_grad()
-def merge_lora_module(m):
-    if not m.merged:
-        m.weight += m.delta()
-        m.merged = True
-
-
-def merge_lora(model):                               # W <- W + ΔW: same outputs, no adapter cost at inference
+def merge_lora(model):                               # no adapter cost at inference
     for m in _loras(model):
-        merge_lora_module(m)
+        m.merge(True)
 
 
-@torch.no_grad()
 def unmerge_lora(model):
     for m in _loras(model):
-        if m.merged:
-            m.weight -= m.delta()
-            m.merged = False
+        m.merge(False)
 
 
 def lora_state_dict(model) -> dict:

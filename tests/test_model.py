@@ -128,6 +128,12 @@ def test_a_sharded_transformers_checkpoint_loads_with_the_same_logits(tmp_path):
     ours, _ = M.load_pretrained(str(tmp_path))
     with torch.no_grad():
         assert rel_err(ours(IDS), hf(IDS).logits) <= 1e-5
+    half, _ = M.load_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1]
+    os.remove(tmp_path / shard)
+    with pytest.raises(FileNotFoundError, match=f"{shard} not found \\(listed in the index\\)"):
+        M.load_pretrained(str(tmp_path))
 
 
 def test_a_transformers_4_config_with_rope_theta_and_rope_scaling_loads_with_the_same_logits(tmp_path):
@@ -370,11 +376,17 @@ def ckpt(tmp_path):
 def test_missing_directory_config_or_weights_are_named(ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
         M.load_pretrained(str(tmp_path / "nope"))
+    (ckpt / "tokenizer.json").rename(ckpt / "tok.json")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
+        M.load_pretrained(str(ckpt))
     os.remove(ckpt / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
         M.load_pretrained(str(ckpt))
     os.remove(ckpt / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json not found"):
+        M.load_pretrained(str(ckpt))
+    (ckpt / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="config.json: invalid JSON"):
         M.load_pretrained(str(ckpt))
 
 
