@@ -72,6 +72,7 @@ class ModelConfig:
         if rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        self.attention_bias = self.attention_bias or self.model_type == "qwen2"    # Qwen2 always has q/k/v bias
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -100,7 +101,6 @@ class ModelConfig:
         if scaling.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError(f"unsupported partial_rotary_factor {scaling['partial_rotary_factor']}")
         scaling.pop("partial_rotary_factor", None)
-        qwen2 = mt == "qwen2"
         return cls(
             model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
@@ -108,7 +108,7 @@ class ModelConfig:
             head_dim=d.get("head_dim"), max_position_embeddings=max_pos, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(theta), rope_scaling=None if scaling["rope_type"] == "default" else scaling,
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            attention_bias=qwen2 or (mt != "mistral" and d.get("attention_bias", False)),
+            attention_bias=mt != "mistral" and d.get("attention_bias", False),
             mlp_bias=mt == "llama" and d.get("mlp_bias", False),
             bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"))
 

@@ -99,8 +99,14 @@ def test_logits_and_greedy_continuation_match_transformers(name, tmp_path):
     assert len(set(tokens[0])) > 3
 
 
-def test_our_save_loads_in_transformers_with_the_same_logits(tmp_path):
-    ours = our_model(tie_word_embeddings=True, model_type="qwen3", head_dim=24)
+@pytest.mark.parametrize("kw", [dict(model_type="qwen3", head_dim=24, tie_word_embeddings=True),
+                                dict(model_type="qwen2"), dict(model_type="mistral"), dict(attention_bias=True)])
+def test_our_save_loads_in_transformers_with_the_same_logits(kw, tmp_path):
+    ours = our_model(**kw)
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if n.endswith("bias"):
+                p.normal_()
     M.save_pretrained(ours, tiny_tokenizer(), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors",
                                             "tokenizer.json", "tokenizer_config.json"]
