@@ -28,7 +28,7 @@ import json
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -88,8 +88,9 @@ class ModelConfig:
             raise ValueError(f"unsupported hidden_act {d['hidden_act']!r} (only silu)")
         max_pos = d.get("max_position_embeddings", 2048)
         window = d.get("sliding_window")
-        sliding = (mt == "mistral" or (d.get("use_sliding_window") and (
-            "sliding_attention" in (d.get("layer_types") or []) or d["num_hidden_layers"] > d.get("max_window_layers", 28))))
+        sliding_layers = ("sliding_attention" in (d.get("layer_types") or [])
+                          or d["num_hidden_layers"] > d.get("max_window_layers", 28))   # qwen: layers >= max_window
+        sliding = mt == "mistral" or (d.get("use_sliding_window") and sliding_layers)
         if sliding and window is not None and window < max_pos:
             raise ValueError(f"unsupported sliding_window {window} < max_position_embeddings {max_pos} ({mt})")
         rope = d.get("rope_parameters") or {}
@@ -146,7 +147,8 @@ def rope_inv_freq(cfg: ModelConfig, device) -> torch.Tensor:
     if sc["rope_type"] == "linear":                  # position p -> p / factor
         inv = inv / sc["factor"]
     elif sc["rope_type"] == "llama3":                # Llama 3.1: long wavelengths / factor, short kept, smooth between
-        factor, lo, hi, old = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"], sc["original_max_position_embeddings"]
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv
         scaled = torch.where(wavelen > old / lo, inv / factor, inv)
         smooth = (old / wavelen - lo) / (hi - lo)
@@ -388,6 +390,8 @@ def decode(model, cache: KVCache, last_logits, max_new_tokens, stop_ids, tempera
            generator=None, stop_strings=None, tokenizer=None, check_every=8):
     """Sample per row until a stop id (kept in the output) or its max_new_tokens; every sampled token enters the
     cache (deviation 5). Returns (tokens, logprobs) as python lists."""
+    if stop_strings and tokenizer is None:
+        raise ValueError("decode: stop_strings need a tokenizer")
     B, dev = last_logits.shape[0], last_logits.device
     max_new = torch.as_tensor(max_new_tokens, device=dev).long().expand(B)                   # (B,)
     n_steps = int(max_new.max()) if B else 0         # host sync, once
@@ -422,8 +426,9 @@ def _stop_strings(tokens, n_gen, cache, start, scanned, stop_strings, tokenizer)
     for b, toks in enumerate(tokens.tolist()):
         if n[b] <= scanned[b]:
             continue
-        if any(s in tokenizer.decode(toks[:n[b]]) for s in stop_strings):
-            j = next(j for j in range(scanned[b], n[b]) if any(s in tokenizer.decode(toks[:j + 1]) for s in stop_strings))
+        has = lambda k: any(s in tokenizer.decode(toks[:k]) for s in stop_strings)  # noqa: E731
+        if has(n[b]):
+            j = next(j for j in range(scanned[b], n[b]) if has(j + 1))
             cache.valid[b, start + j + 1:start + n[b]] = False
             cache.next_pos[b] -= n[b] - (j + 1)
             n_gen[b], hit[b], n[b] = j + 1, True, j + 1
@@ -631,8 +636,9 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
         super().__init__()
         self.weight, self.bias, self.r, self.alpha, self.scale = base.weight, base.bias, r, alpha, alpha / r
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device, dtype=base.weight.dtype))
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))                 # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))                # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))    # A random, B = 0 -> the adapter starts as a no-op
         self.dropout, self.enabled, self.merged = nn.Dropout(dropout), True, False
         self.train(base.training)                    # an eval() model stays in eval mode (no LoRA dropout)

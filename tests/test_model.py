@@ -265,8 +265,9 @@ def test_sampling_is_reproducible_with_a_generator_and_logprobs_are_the_model_lo
     assert t1 == t2 and t1 != t3
     with torch.no_grad():
         seq = prompts[1] + t1[1]
-        ref = model(torch.tensor([seq]))[0].log_softmax(-1)[len(prompts[1]) - 1:-1].gather(1, torch.tensor(t1[1])[:, None])
-    torch.testing.assert_close(torch.tensor(lp1[1]), ref[:, 0], rtol=1e-4, atol=1e-5)
+        logp = model(torch.tensor([seq]))[0].log_softmax(-1)[len(prompts[1]) - 1:-1]     # predicts seq[t+1]
+        ref = logp.gather(1, torch.tensor(t1[1])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(lp1[1]), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_top_k_one_is_greedy_and_top_p_logprobs_are_of_the_renormalised_distribution():
