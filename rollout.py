@@ -1,0 +1,373 @@
+"""Batched multi-step rollouts of a policy against the mocked tools, and their evaluation.
+
+Who calls it: train.py (SFT data from the scripted expert, RL rollouts, evaluation) and bench.py.
+
+One episode is a ReAct conversation rendered in a chat template:
+
+    <|im_start|>system ... tool schemas ...<|im_end|>\n<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n
+    Thought: ...\nAction: tool\nAction Input: {...}<|im_end|>          <- step 0, sampled (action_mask 1)
+    \n<|im_start|>function\n{observation}<|im_end|>\n<|im_start|>assistant\n   <- forced tokens (action_mask 0)
+    Thought: ...\nAction: Finish\nAction Input: {"return_type": "give_answer", "final_answer": "..."}<|im_end|>
+
+B episodes run in lock-step: one batched `decode` samples the next action of every live episode, actions are parsed
+and executed, and each observation is appended with `extend`, so decoding continues from the KV cache and the prefix
+is never recomputed. Finished episodes leave the batch (`KVCache.keep`).
+
+Choices and deviations (numbered, as the paper leaves them open):
+ 1. Token ids are the ones the policy sampled; observations are tokenised on their own and appended. Text is never
+    re-tokenised across turns (re-tokenising would silently change the ids and break the PPO ratio).
+ 2. A step that fails to parse (no Action, bad JSON, extra text, truncation) is still a step: it gets an error
+    observation telling the model what was wrong, SuccCalling 0, and the episode goes on.
+ 3. `step_id` marks a step's action tokens *and* the observation that follows them; the prompt is -1. The value of
+    the state before step t is read at the token just before the step's first action token (ppo.py).
+ 4. Pass rate counts Solved only (IsSolved == 1); Unsure (0.5) is reported separately.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from model import KVCache, decode, extend
+from tools import SOLVED, check_answer, relevant_tool_recall
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conversation format
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How turns are rendered. `end_of_turn` closes every turn and is the policy's stop token."""
+    name: str
+    prompt: str          # format(system=..., user=...): everything up to the opening of the first assistant turn
+    observation: str     # format(observation=...): the tool turn and the opening of the next assistant turn
+    end_of_turn: str
+
+
+TEMPLATES = {
+    "chatml": ChatTemplate(
+        "chatml",
+        "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n",
+        "\n<|im_start|>function\n{observation}<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_end|>"),
+    "llama3": ChatTemplate(
+        "llama3",
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|start_header_id|>ipython<|end_header_id|>\n\n{observation}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "<|eot_id|>"),
+}
+
+SYSTEM_PROMPT = (
+    "You can call these tools:\n{tools}\n"
+    "Answer with Thought, Action and Action Input (a JSON object). When done, use Action: Finish with "
+    '{{"return_type": "give_answer", "final_answer": "..."}}.')
+
+
+def system_prompt(env, task) -> str:
+    schemas = env.schemas(task.tools)
+    return SYSTEM_PROMPT.format(tools="\n".join(json.dumps(s, separators=(",", ":")) for s in schemas))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Parsing the model's action: never raises
+
+
+@dataclass
+class Action:
+    tool: str | None = None
+    args: dict | None = None
+    thought: str = ""
+    error: str = ""          # non-empty: the action is invalid and this tells the model why
+
+
+_ACTION = re.compile(r"^\s*Action:[ \t]*(.*?)[ \t]*$", re.M)
+_INPUT = re.compile(r"^\s*Action Input:[ \t]*", re.M)
+_THOUGHT = re.compile(r"Thought:[ \t]*(.*?)\s*(?=^\s*Action:|\Z)", re.M | re.S)
+
+
+def parse_action(text: str, truncated: bool = False) -> Action:
+    """Parse `Thought: ...\\nAction: NAME\\nAction Input: {json}`. Every failure becomes Action.error, never raises."""
+    if truncated:
+        return Action(error="Invalid action: the action was cut off at the length limit; keep actions short.")
+    if not isinstance(text, str):
+        return Action(error="Invalid action: not text.")
+    m = _THOUGHT.search(text)
+    thought = m.group(1).strip() if m else ""
+    m = _ACTION.search(text)
+    if not m or not m.group(1):
+        return Action(thought=thought, error="Invalid action: missing 'Action: <tool name>' line.")
+    tool = m.group(1)
+    m_in = _INPUT.search(text, m.end())
+    if not m_in:
+        return Action(tool, thought=thought, error="Invalid action: missing 'Action Input: {...}' line.")
+    rest = text[m_in.end():]
+    try:
+        args, end = json.JSONDecoder().raw_decode(rest)
+    except (json.JSONDecodeError, RecursionError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        return Action(tool, thought=thought, error=f"Invalid action: Action Input is not valid JSON ({msg}).")
+    if not isinstance(args, dict):
+        return Action(tool, thought=thought, error="Invalid action: Action Input must be a JSON object.")
+    if rest[end:].strip():
+        return Action(tool, args, thought, error="Invalid action: unexpected text after the Action Input JSON.")
+    if tool == "Finish":
+        kind = args.get("return_type")
+        if kind not in ("give_answer", "give_up_and_restart"):
+            return Action(tool, args, thought,
+                          error='Invalid action: Finish needs "return_type": "give_answer" or "give_up_and_restart".')
+        if kind == "give_answer" and not isinstance(args.get("final_answer"), str):
+            return Action(tool, args, thought, error='Invalid action: Finish needs a "final_answer" string.')
+    return Action(tool, args, thought)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Episode records
+
+
+@dataclass
+class Step:
+    action_text: str
+    tool: str | None
+    args: dict | None
+    observation: str          # what the model saw next ("" after Finish)
+    success: bool             # SuccCalling: parsed, known tool, valid arguments, no error
+    error: str = ""
+    result: object = None     # the tools.ToolResult, when a tool ran
+
+
+@dataclass
+class Episode:
+    task: object
+    token_ids: list = field(default_factory=list)
+    action_mask: list = field(default_factory=list)   # 1 on tokens the policy generated
+    step_id: list = field(default_factory=list)       # step of each token (action + its observation); -1 = prompt
+    logprobs: list = field(default_factory=list)      # sampling log-prob on action tokens, 0.0 elsewhere
+    steps: list = field(default_factory=list)
+    final_answer: str | None = None
+    stop_reason: str = ""     # finish | give_up | max_steps | token_budget
+    rewards: list = field(default_factory=list)       # one per step, filled by rewards.py
+
+    def append(self, ids, is_action: bool, step: int, logprobs=None):
+        self.token_ids += ids
+        self.action_mask += [int(is_action)] * len(ids)
+        self.step_id += [step] * len(ids)
+        self.logprobs += list(logprobs) if logprobs is not None else [0.0] * len(ids)
+
+    @property
+    def solved(self) -> float:
+        return check_answer(self.final_answer or "", self.task)
+
+
+@dataclass
+class RolloutConfig:
+    template: str = "chatml"
+    max_steps: int = 6               # tool calls + Finish
+    max_action_tokens: int = 96      # per step
+    max_total_tokens: int = 1024     # prompt + all steps + observations
+    max_obs_tokens: int = 192        # observation tokens beyond this are cut (bounds memory and the KV cache)
+    temperature: float = 1.0         # 0 = greedy
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Policies: a model with a KV cache, or a script. Both produce token ids for every live episode.
+
+
+class ModelPolicy:
+    """Samples actions from `model`, keeping one KV cache across the steps of the batch."""
+
+    def __init__(self, model, tokenizer, cfg: RolloutConfig, generator: torch.Generator | None = None):
+        self.model, self.cfg, self.generator = model, cfg, generator
+        self.stop_ids = [tokenizer.token_to_id(TEMPLATES[cfg.template].end_of_turn)]
+
+    def start(self, prompts: list[list[int]]):
+        p = next(self.model.parameters())
+        # Cache slots in the worst case: every step appends the batch's longest action and longest observation
+        # (shorter rows leave masked holes), so the bound is per step, not per row.
+        per_step = self.cfg.max_action_tokens + self.cfg.max_obs_tokens + 16
+        slots = max(map(len, prompts)) + self.cfg.max_steps * per_step
+        self.cache = KVCache(self.model.config, len(prompts), slots, p.device, p.dtype)
+        self.last_logits = extend(self.model, self.cache, prompts)             # (B, V)
+
+    def act(self, episodes, budgets):
+        return decode(self.model, self.cache, self.last_logits, torch.tensor(budgets), self.stop_ids,
+                      temperature=self.cfg.temperature, top_k=self.cfg.top_k, top_p=self.cfg.top_p,
+                      generator=self.generator)
+
+    def keep(self, rows: list[int]):
+        self.cache.keep(torch.tensor(rows, device=self.cache.valid.device))
+
+    def observe(self, chunks: list[list[int]]):
+        self.last_logits = extend(self.model, self.cache, chunks)
+
+
+class ScriptedPolicy:
+    """Drives the same loop with a script (the tools' expert): act(task, history) -> action text."""
+
+    def __init__(self, script, tokenizer, cfg: RolloutConfig):
+        self.script, self.tokenizer = script, tokenizer
+        self.eot = [tokenizer.token_to_id(TEMPLATES[cfg.template].end_of_turn)]
+
+    def start(self, prompts):
+        pass
+
+    def act(self, episodes, budgets):
+        tokens = []
+        for ep, budget in zip(episodes, budgets):
+            text = self.script.act(ep.task, [(s.action_text, s.result) for s in ep.steps])
+            tokens.append((self.tokenizer.encode(text) + self.eot)[:budget])
+        return tokens, [[0.0] * len(t) for t in tokens]
+
+    def keep(self, rows):
+        pass
+
+    def observe(self, chunks):
+        pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def error_observation(message: str) -> str:
+    return json.dumps({"error": message, "response": ""})
+
+
+@torch.no_grad()
+def rollout(policy, tasks, env, tokenizer, cfg: RolloutConfig) -> list[Episode]:
+    """Run len(tasks) episodes in lock-step until each finishes, runs out of steps, or out of tokens."""
+    template = TEMPLATES[cfg.template]
+    eot_id = tokenizer.token_to_id(template.end_of_turn)
+    episodes = [Episode(task) for task in tasks]
+    for ep in episodes:
+        prompt = template.prompt.format(system=system_prompt(env, ep.task), user=ep.task.query)
+        ep.append(tokenizer.encode(prompt), False, -1)
+    live = list(range(len(episodes)))                           # episode index of each policy row
+    policy.start([episodes[i].token_ids for i in live])
+    for step in range(cfg.max_steps):
+        budgets = [max(1, min(cfg.max_action_tokens, cfg.max_total_tokens - len(episodes[i].token_ids))) for i in live]
+        tokens, logprobs = policy.act([episodes[i] for i in live], budgets)
+        keep, chunks = [], []
+        for row, i in enumerate(live):
+            ep, ids = episodes[i], tokens[row]
+            ep.append(ids, True, step, logprobs[row])
+            stopped = len(ids) > 0 and ids[-1] == eot_id
+            text = tokenizer.decode(ids[:-1] if stopped else ids)
+            ep.steps.append(step_record := execute(parse_action(text, truncated=not stopped), text, env))
+            if step_record.tool == "Finish" and step_record.success:
+                ep.final_answer = step_record.args.get("final_answer", "")
+                ep.stop_reason = "finish" if step_record.args["return_type"] == "give_answer" else "give_up"
+                continue
+            obs_ids = observation_ids(tokenizer, template, step_record.observation, cfg.max_obs_tokens)
+            if len(ep.token_ids) + len(obs_ids) + 8 > cfg.max_total_tokens:
+                ep.stop_reason = "token_budget"
+                continue
+            if step == cfg.max_steps - 1:
+                ep.stop_reason = "max_steps"
+                continue
+            ep.append(obs_ids, False, step)
+            keep.append(row)
+            chunks.append(obs_ids)
+        if not keep:
+            break
+        if len(keep) < len(live):                                  # finished episodes leave the batch
+            policy.keep(keep)
+        live = [live[r] for r in keep]
+        policy.observe(chunks)
+    return episodes
+
+
+def observation_ids(tokenizer, template: ChatTemplate, observation: str, max_tokens: int) -> list[int]:
+    """The tool turn as forced tokens: template opening + observation (cut to max_tokens) + template closing."""
+    before, after = template.observation.split("{observation}")
+    return tokenizer.encode(before) + tokenizer.encode(observation)[:max_tokens] + tokenizer.encode(after)
+
+
+def execute(action: Action, text: str, env) -> Step:
+    """Run a parsed action: a tool call through the environment (which validates it), or Finish."""
+    if action.error:
+        return Step(text, action.tool, action.args, error_observation(action.error), False, action.error)
+    if action.tool == "Finish":
+        return Step(text, "Finish", action.args, "", True)
+    result = env.call(action.tool, action.args)
+    return Step(text, action.tool, action.args, result.text, result.ok, result.error, result)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Batching for ppo.py
+
+
+def collate(episodes: list[Episode], pad_id: int, device="cpu") -> dict:
+    """Right-pad a list of episodes into the tensors ppo.py consumes (see DESIGN in ppo.py)."""
+    B, T = len(episodes), max(len(ep.token_ids) for ep in episodes)
+    S = max(max(len(ep.steps), 1) for ep in episodes)
+    out = {
+        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros(B, T, dtype=torch.bool),
+        "action_mask": torch.zeros(B, T, dtype=torch.bool),
+        "step_id": torch.full((B, T), -1, dtype=torch.long),
+        "old_logprobs": torch.zeros(B, T),
+        "step_rewards": torch.zeros(B, S),
+        "step_mask": torch.zeros(B, S, dtype=torch.bool),
+        "step_start": torch.zeros(B, S, dtype=torch.long),
+        "step_end": torch.zeros(B, S, dtype=torch.long),
+    }
+    for b, ep in enumerate(episodes):
+        n = len(ep.token_ids)
+        out["input_ids"][b, :n] = torch.tensor(ep.token_ids)
+        out["attention_mask"][b, :n] = True
+        out["action_mask"][b, :n] = torch.tensor(ep.action_mask, dtype=torch.bool)
+        out["step_id"][b, :n] = torch.tensor(ep.step_id)
+        out["old_logprobs"][b, :n] = torch.tensor(ep.logprobs)
+        s = len(ep.steps)
+        out["step_rewards"][b, :len(ep.rewards)] = torch.tensor(ep.rewards, dtype=torch.float32)
+        out["step_mask"][b, :s] = True
+    # First and last action token of every step, from the masks in one vectorised pass.
+    is_action = out["action_mask"]
+    pos = torch.arange(T).expand(B, T)
+    sid = torch.where(is_action, out["step_id"], S)                              # (B, T), S = "no step"
+    first = torch.full((B, S + 1), T, dtype=torch.long).scatter_reduce(1, sid, pos, "amin")
+    last = torch.zeros(B, S + 1, dtype=torch.long).scatter_reduce(1, sid, pos, "amax")
+    out["step_start"], out["step_end"] = first[:, :S].clamp(max=T - 1), last[:, :S]
+    return {k: v.to(device) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def episode_metrics(episodes: list[Episode]) -> dict:
+    """Pass rate (Solved), Unsure rate, recall of relevant tools, average steps, invalid-action rate;
+    per difficulty group and overall."""
+    def summarise(eps):
+        steps = [s for ep in eps for s in ep.steps]
+        scores = [ep.solved for ep in eps]
+        return {
+            "n": len(eps),
+            "pass_rate": sum(s == SOLVED for s in scores) / len(eps),
+            "unsure_rate": sum(s == 0.5 for s in scores) / len(eps),
+            "recall": sum(relevant_tool_recall([s.tool for s in ep.steps if s.tool], ep.task) for ep in eps) / len(eps),
+            "avg_steps": len(steps) / len(eps),
+            "invalid_action_rate": sum(bool(s.error) and s.result is None for s in steps) / max(len(steps), 1),
+        }
+    groups = sorted({ep.task.group for ep in episodes})
+    out = {f"G{g}": summarise([ep for ep in episodes if ep.task.group == g]) for g in groups}
+    out["all"] = summarise(episodes)
+    return out
+
+
+def evaluate(model, tokenizer, env, tasks, cfg: RolloutConfig, batch_size: int = 32, progress: bool = False) -> dict:
+    """Greedy rollouts on `tasks`; returns the metrics of `episode_metrics` and the episodes."""
+    from dataclasses import replace
+    from tqdm import tqdm
+    greedy = replace(cfg, temperature=0.0)
+    episodes = []
+    for i in tqdm(range(0, len(tasks), batch_size), desc="eval", disable=not progress, leave=False):
+        policy = ModelPolicy(model, tokenizer, greedy)
+        episodes += rollout(policy, tasks[i:i + batch_size], env, tokenizer, greedy)
+    return episode_metrics(episodes), episodes
