@@ -1,0 +1,145 @@
+"""The warm start: a tokenizer and a tiny model trained from scratch by SFT on scripted-expert trajectories.
+
+Who calls it: train.py (`warm_start`), when no --model is given. The paper also starts RL from an SFT model
+(ToolLLaMA); here the SFT model is also the "SFT alone" baseline of the results table.
+
+Why a module of its own: train.py is the RL loop; building a tokenizer and running supervised training would double
+its length, and the SFT phase is cached (keyed by a hash of its settings), so a second run skips it entirely.
+
+Choices:
+ 1. The expert's trajectories go through the *same* rollout loop as the policy (ScriptedPolicy), so SFT sequences
+    are tokenised exactly like RL sequences: same template, same observation tokens, same masks.
+ 2. The loss is token-mean cross-entropy on action tokens only (prompt and observations are context).
+ 3. The tokenizer is a byte-level BPE with digits split one by one, so numbers are copied digit by digit — the
+    skill multi-step tool use needs most (an argument taken from an earlier observation).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+from model import ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained
+from ppo import pack_microbatches, token_logprobs
+from rollout import TEMPLATES, ScriptedPolicy, collate, rollout, system_prompt
+from tools import Expert, make_tasks
+
+
+def train_tokenizer(texts, vocab_size: int, template: str) -> Tokenizer:
+    """Byte-level BPE on the task corpus; the chat template's markers are single special tokens."""
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if template == "chatml" else \
+        ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    eos = tok.token_to_id(TEMPLATES[template].end_of_turn)
+    return Tokenizer(tok, bos_id=None, eos_id=eos, pad_id=tok.token_to_id(specials[0]))
+
+
+def corpus(env, tasks, template: str):
+    """The text the tokenizer learns from: prompts, expert actions and observations of the training tasks."""
+    t = TEMPLATES[template]
+    expert = Expert()
+    for task in tasks:
+        yield t.prompt.format(system=system_prompt(env, task), user=task.query)
+        history = []
+        while len(history) < 8:
+            action = expert.act(task, history)
+            yield action + t.end_of_turn
+            if "Action: Finish" in action:
+                break
+            name, args = _split_call(action)
+            result = env.call(name, args)
+            history.append((action, result))
+            yield t.observation.format(observation=result.text)
+
+
+def _split_call(action: str):
+    from rollout import parse_action
+    a = parse_action(action)
+    return a.tool, a.args
+
+
+def sft_hash(cfg) -> str:
+    keys = ["seed", "template", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+            "intermediate_size", "sft_tasks", "sft_epochs", "sft_lr", "max_steps", "max_action_tokens",
+            "max_total_tokens", "max_obs_tokens", "token_budget", "fault_rate"]
+    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def warm_start(cfg, env, rollout_cfg, device, dtype, log=print):
+    """Return (model, tokenizer) of the SFT warm start, training it (and caching it) if needed."""
+    cache_dir = os.path.join(cfg.cache_dir, f"sft-{sft_hash(cfg)}")
+    if os.path.exists(os.path.join(cache_dir, "config.json")):
+        log(f"SFT warm start: cached at {cache_dir}")
+        return load_pretrained(cache_dir, device=device, dtype=dtype)
+    t0 = time.time()
+    tasks = make_tasks("train", cfg.sft_tasks, seed=cfg.seed)
+    tokenizer = train_tokenizer(corpus(env, tasks, cfg.template), cfg.vocab_size, cfg.template)
+    config = ModelConfig(
+        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=max(2048, cfg.max_total_tokens), tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(config).to(device=device, dtype=dtype)
+    # Expert demonstrations, through the same rollout loop and tokenisation as RL.
+    episodes = []
+    for i in range(0, len(tasks), 256):
+        policy = ScriptedPolicy(Expert(), tokenizer, rollout_cfg)
+        episodes += rollout(policy, tasks[i:i + 256], env, tokenizer, rollout_cfg)
+    sft_train(model, episodes, tokenizer.pad_id, cfg, device, log)
+    model.eval()
+    save_pretrained(model, tokenizer, cache_dir)
+    log(f"SFT warm start: {len(episodes)} expert episodes, {time.time() - t0:.0f}s, saved to {cache_dir}")
+    return model, tokenizer
+
+
+def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
+    """Token-mean cross-entropy on action tokens, AdamW with linear warm-up and cosine decay."""
+    lengths = [len(ep.token_ids) for ep in episodes]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    batches_per_epoch = math.ceil(len(episodes) / cfg.sft_batch)
+    total = cfg.sft_epochs * batches_per_epoch
+    warmup = max(1, total // 20)
+    model.train()
+    bar = tqdm(total=total, desc="sft", leave=False)
+    for epoch in range(cfg.sft_epochs):
+        order = torch.randperm(len(episodes), generator=gen).tolist()
+        for b in range(batches_per_epoch):
+            step = epoch * batches_per_epoch + b
+            lr = cfg.sft_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            idx = order[b * cfg.sft_batch:(b + 1) * cfg.sft_batch]
+            n_action = sum(sum(episodes[i].action_mask) for i in idx)
+            loss_sum = 0.0
+            for mb in pack_microbatches([lengths[i] for i in idx], cfg.token_budget):
+                batch = collate([episodes[idx[j]] for j in mb], pad_id, device)
+                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])      # (b, T, V)
+                logp = token_logprobs(logits, batch["input_ids"])                             # (b, T)
+                loss = -(logp * batch["action_mask"]).sum() / n_action
+                loss.backward()
+                loss_sum += loss.detach()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss_sum):.3f}")        # one host sync every 20 steps
+        log(f"SFT epoch {epoch + 1}/{cfg.sft_epochs}: loss {float(loss_sum):.4f}")
+    bar.close()

@@ -1,0 +1,330 @@
+"""StepTool end to end: `python train.py` warm-starts a model by SFT, trains it with step-grained PPO against the
+mocked tools, and prints SFT vs StepTool on the test split.
+
+    config -> tasks and tools -> warm start (SFT, cached) or --model -> policy + critic + reference
+    -> loop { rollout -> rewards -> step-level advantages -> PPO epochs -> log -> eval -> checkpoint } -> test table
+
+Who calls it: people (`python train.py`, `--preset smoke`, `--reward final` for the baseline), experiment.py,
+torchrun, and tests (`main(cfg)` in-process).
+
+Deviations from the paper (numbered; the paper's own values are in ../shared/PAPER.md):
+ 1. Online: rollouts are sampled from the current policy every iteration (the authors trained offline on fixed,
+    GPT-4-annotated trajectories; `--offline-data` does that).
+ 2. The default model is tiny and trained from scratch on expert trajectories, so the whole run fits a laptop CPU;
+    `--model PATH` takes any Llama/Mistral/Qwen checkpoint, with LoRA on by default as in the paper.
+ 3. Hyper-parameters are scaled to the tiny model (lr, batch sizes, KL coefficient); γ, λ and the clip ranges are
+    the paper's.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import checkpoint
+from model import PolicyWithValue, ValueHead, add_lora, load_pretrained, lora_disabled, lora_state_dict, save_pretrained
+from ppo import PPOConfig, ppo_update, token_logprobs
+from rewards import REWARDS, RewardConfig
+from rollout import ModelPolicy, RolloutConfig, collate, episode_metrics, evaluate, rollout
+from tools import Environment, FaultConfig, make_tasks
+
+
+@dataclass
+class Config:
+    preset: str = "default"
+    """Named set of defaults: "default" (the README run, ~10 min on 2 CPU cores) or "smoke" (< 1 min, for CI)."""
+    out: str = "runs/default"
+    """Run directory: config.json, metrics.jsonl, checkpoints, final model."""
+    model: str = ""
+    """A Hugging Face checkpoint directory to start from. Empty: train a tiny model from scratch by SFT."""
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 (autocast; float16 on CUDA only)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --out."""
+    eval_only: bool = False
+    """Only evaluate --model (or the SFT warm start) on the test split."""
+    tasks: str = ""
+    """Evaluate on other tasks: "toolbench:PATH.json" (a ToolBench query file through the mocked-API import)."""
+    offline_data: str = ""
+    """Train on the authors' TSV format (prompt, response, reward per step) instead of online rollouts."""
+    # --- the task suite
+    n_val: int = 90
+    n_test: int = 150
+    fault_rate: float = 0.0
+    """Fraction of tool calls that fail with an injected fault (timeout, server error, malformed body, ...)."""
+    # --- the from-scratch warm start (sft.py)
+    cache_dir: str = "runs/cache"
+    template: str = "chatml"
+    vocab_size: int = 1024
+    hidden_size: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    sft_tasks: int = 1200
+    sft_epochs: int = 3
+    sft_batch: int = 32
+    sft_lr: float = 3e-3
+    # --- LoRA (pretrained models)
+    lora: str = "auto"
+    """auto (on for --model, off from scratch) | on | off."""
+    lora_r: int = 16
+    lora_alpha: int = 16
+    # --- RL
+    reward: str = "step"
+    """step (StepTool's step-grained reward) | final (the PPO (Final Reward) baseline)."""
+    iters: int = 12
+    episodes_per_iter: int = 64
+    rollout_batch: int = 32
+    lr: float = 3e-4
+    eval_every: int = 4
+    keep_checkpoints: int = 2
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+PRESETS = {
+    "default": {},
+    "smoke": dict(out="runs/smoke", n_val=12, n_test=18, vocab_size=512, hidden_size=64, num_layers=2, num_heads=2,
+                  num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2, episodes_per_iter=8,
+                  rollout_batch=8, eval_every=1, max_steps=4, max_action_tokens=48, max_total_tokens=640,
+                  ppo_epochs=1),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line, generated from the dataclasses: one flag per field, nested configs flattened (--gamma, --alpha ...)
+
+
+def _fields(cls, prefix=()):
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            yield from _fields(f.default_factory, prefix + (f.name,))
+        else:
+            yield prefix, f
+
+
+def _set(cfg, path, name, value):
+    for p in path:
+        cfg = getattr(cfg, p)
+    setattr(cfg, name, value)
+
+
+def parse_config(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    seen = set()
+    for path, f in _fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if flag in seen:              # a name shared by two configs (seed) is one flag that sets both
+            continue
+        seen.add(flag)
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+            parser.add_argument(flag, type=kind, default=None)
+    args = vars(parser.parse_args(argv))
+    cfg = Config()
+    preset = args.get("preset") or "default"
+    if preset not in PRESETS:
+        parser.error(f"unknown --preset {preset!r}; choose from {sorted(PRESETS)}")
+    overrides = {**PRESETS[preset], **{k: v for k, v in args.items() if v is not None}}
+    for path, f in _fields(Config):
+        if f.name in overrides:
+            _set(cfg, path, f.name, overrides[f.name])
+    try:
+        validate(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def validate(cfg: Config):
+    """Out-of-range flags fail here with one line, before anything is built."""
+    checks = [
+        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
+        (0 <= cfg.ppo.gamma <= 1, f"--gamma must be in [0, 1] (got {cfg.ppo.gamma})"),
+        (0 <= cfg.ppo.lam <= 1, f"--lam must be in [0, 1] (got {cfg.ppo.lam})"),
+        (cfg.ppo.kl_coef >= 0, f"--kl-coef must be >= 0 (got {cfg.ppo.kl_coef})"),
+        (cfg.episodes_per_iter > 0, f"--episodes-per-iter must be > 0 (got {cfg.episodes_per_iter})"),
+        (cfg.iters >= 0, f"--iters must be >= 0 (got {cfg.iters})"),
+        (cfg.rewards.alpha >= 0, f"--alpha must be >= 0 (got {cfg.rewards.alpha})"),
+        (0 <= cfg.fault_rate <= 1, f"--fault-rate must be in [0, 1] (got {cfg.fault_rate})"),
+        (cfg.reward in REWARDS, f"--reward must be one of {sorted(REWARDS)} (got {cfg.reward!r})"),
+        (cfg.ppo.advantage in ("step", "token"), f"--advantage must be step or token (got {cfg.ppo.advantage!r})"),
+        (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),
+        (cfg.lora in ("auto", "on", "off"), f"--lora must be auto, on or off (got {cfg.lora!r})"),
+        (not cfg.model or os.path.isdir(cfg.model), f"--model {cfg.model}: no such directory"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logging
+
+
+class Logger:
+    def __init__(self, out: str):
+        self.path = os.path.join(out, "metrics.jsonl")
+
+    def __call__(self, record: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def show_episode(ep) -> str:
+    lines = [f"[task G{ep.task.group}] {ep.task.query}  (truth: {ep.task.answer})"]
+    for t, (s, r) in enumerate(zip(ep.steps, ep.rewards or [None] * len(ep.steps))):
+        lines.append(f"  step {t} r={r if r is None else round(r, 3)} ok={s.success}: "
+                     f"{s.action_text.strip()[:160]!r}\n    -> {s.observation[:120]!r}")
+    return "\n".join(lines)
+
+
+def results_table(rows: dict) -> str:
+    """rows: name -> episode_metrics dict. Markdown table of pass rate and recall per group."""
+    groups = [g for g in next(iter(rows.values())) if g != "all"] + ["all"]
+    head = "| method | " + " | ".join(f"{g} pass | {g} recall" for g in groups) + " |"
+    sep = "|---" * (1 + 2 * len(groups)) + "|"
+    body = ["| " + name + " | " + " | ".join(f"{m[g]['pass_rate']:.3f} | {m[g]['recall']:.3f}" for g in groups) + " |"
+            for name, m in rows.items()]
+    return "\n".join([head, sep] + body)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict:
+    os.makedirs(cfg.out, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = torch.device(cfg.device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    print(json.dumps(asdict(cfg), indent=1))
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:
+        json.dump(asdict(cfg), f, indent=1)
+    log = Logger(cfg.out)
+
+    # --- tools and tasks: the same task suite for every seed, so methods and seeds are compared on the same split
+    faults = FaultConfig(rate=cfg.fault_rate, seed=cfg.seed) if cfg.fault_rate > 0 else None
+    env = Environment(faults=faults)
+    val_tasks = make_tasks("val", cfg.n_val, seed=0)
+    test_tasks = make_tasks("test", cfg.n_test, seed=0)
+    train_tasks = make_tasks("train", 4000 if cfg.preset == "default" else 400, seed=1)
+
+    # --- model: warm start or a given checkpoint; weights stay float32, --dtype picks autocast
+    if cfg.model:
+        model, tokenizer = load_pretrained(cfg.model, device=device)
+    else:
+        from sft import warm_start
+        model, tokenizer = warm_start(cfg, env, cfg.rollout, device, torch.float32)
+    use_lora = cfg.lora == "on" or (cfg.lora == "auto" and bool(cfg.model))
+    if use_lora:
+        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    if cfg.eval_only:
+        metrics, _ = evaluate(model, tokenizer, env, test_tasks, cfg.rollout, cfg.rollout_batch, progress=True)
+        print(results_table({"model": metrics}))
+        return {"test": metrics}
+    sft_val, _ = evaluate(model, tokenizer, env, val_tasks, cfg.rollout, cfg.rollout_batch, progress=True)
+    sft_test, _ = evaluate(model, tokenizer, env, test_tasks, cfg.rollout, cfg.rollout_batch, progress=True)
+    print(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
+
+    # --- policy + critic (one module, one forward) and the reference policy
+    value_head = ValueHead(model.config.hidden_size).to(device)
+    policy = PolicyWithValue(model, value_head)
+    if use_lora:
+        reference = None                   # the base model with LoRA switched off: no second copy in memory
+    else:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def reference_logprobs(input_ids, attention_mask):
+        if reference is None:
+            with lora_disabled(model):
+                logits = model(input_ids, attention_mask=attention_mask)
+        else:
+            logits = reference(input_ids, attention_mask=attention_mask)
+        return token_logprobs(logits, input_ids)                                         # (B, T)
+
+    trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=0.0)
+    history, start = [], 0
+    if cfg.resume and (path := checkpoint.latest(cfg.out)):
+        state = checkpoint.load_state(path, {n: p for n, p in trainable.items() if not n.startswith("value_head.")},
+                                      value_head, optimizer)
+        history, start = state["metrics"], state["iteration"] + 1
+        print(f"resumed from {path} at iteration {start}")
+
+    reward_fn = REWARDS[cfg.reward]
+    autocast = dtype if dtype != torch.float32 else None
+    for it in range(start, cfg.iters):
+        t0 = time.time()
+        # Everything random in an iteration derives from (seed, it): resuming at `it` replays it exactly.
+        torch.manual_seed(cfg.seed * 1_000_003 + it)
+        rng = random.Random(cfg.seed * 1_000_003 + it)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
+        tasks = rng.sample(train_tasks, cfg.episodes_per_iter)
+        model.eval()
+        episodes = []
+        for i in tqdm(range(0, len(tasks), cfg.rollout_batch), desc=f"iter {it} rollout", leave=False):
+            episodes += rollout(ModelPolicy(model, tokenizer, cfg.rollout, gen), tasks[i:i + cfg.rollout_batch],
+                                env, tokenizer, cfg.rollout)
+        for ep in episodes:
+            ep.rewards = reward_fn(ep, cfg.rewards)
+        t_roll = time.time() - t0
+        batch = collate(episodes, tokenizer.pad_id, device)
+        model.train()
+        stats = ppo_update(policy, optimizer, batch, cfg.ppo, reference_logprobs_fn=reference_logprobs,
+                           autocast_dtype=autocast, device_type=device.type, generator=gen)
+        train_m = episode_metrics(episodes)["all"]
+        record = {"iter": it, "return": sum(sum(ep.rewards) for ep in episodes) / len(episodes),
+                  "train_pass": train_m["pass_rate"], "train_steps": train_m["avg_steps"],
+                  "invalid": train_m["invalid_action_rate"], **stats,
+                  "rollout_s": t_roll, "iter_s": time.time() - t0}
+        if (it + 1) % cfg.eval_every == 0 or it == cfg.iters - 1:
+            model.eval()
+            val, _ = evaluate(model, tokenizer, env, val_tasks, cfg.rollout, cfg.rollout_batch)
+            record["val_pass"], record["val_recall"] = val["all"]["pass_rate"], val["all"]["recall"]
+        history.append(record)
+        log(record)
+        print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        if it % max(1, cfg.eval_every) == 0:
+            print(show_episode(episodes[0]))
+        checkpoint.save(cfg.out, it, model, tokenizer, value_head, optimizer, asdict(cfg), history,
+                        {n: p for n, p in trainable.items() if not n.startswith("value_head.")}, cfg.keep_checkpoints)
+
+    model.eval()
+    final_test, _ = evaluate(model, tokenizer, env, test_tasks, cfg.rollout, cfg.rollout_batch, progress=True)
+    save_pretrained(model, tokenizer, os.path.join(cfg.out, "final"))
+    name = "StepTool" if cfg.reward == "step" else "PPO (final reward)"
+    table = results_table({"SFT": sft_test, name: final_test})
+    print("\nTest split (pass rate = Solved fraction; recall = relevant tools called)\n" + table)
+    result = {"sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history}
+    with open(os.path.join(cfg.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(cfg.out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_config())
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
