@@ -1,0 +1,330 @@
+"""Task suites with ground truth, the scripted expert, the answer checker.
+
+Groups mirror ToolBench's G1/G2/G3: (1) one relevant tool; (2) 2–3 chained calls where later arguments come from
+earlier results; (3) 3–5 calls across categories (finance + math, knowledge + weather + math, geography + math).
+
+Splits: for every task type, its entities are partitioned between train / val / test by a hash of (type, entity),
+so no (entity, template) pair is shared across splits; every test task is a composition (type x entities, and for
+two-entity types the pair) never seen in training. Deterministic from (split, seed); tens of thousands per second.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import dataclass, field
+
+from .apis import SCHEMAS, calculate, convert
+from .world import WORLD
+
+SOLVED, UNSURE, UNSOLVED = 1.0, 0.5, 0.0
+
+
+@dataclass
+class Task:
+    id: str
+    group: int
+    split: str
+    query: str
+    tools: list                    # tools shown to the model: relevant + distractors, shuffled
+    answer: str                    # the expert's final answer (display)
+    facts: list                    # what a correct answer must contain: numbers or strings; [] = cannot judge
+    relevant_tools: list
+    reference_chain: list          # [(tool, args)] with the ground-truth arguments
+    kind: str = ""
+
+
+def format_action(thought: str, tool: str, args: dict) -> str:
+    """The ReAct action text the rollout parses (rollout.parse_action)."""
+    return f"Thought: {thought}\nAction: {tool}\nAction Input: {json.dumps(args, separators=(',', ':'), ensure_ascii=False)}"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Task types: name -> (group, entity pool, builder). A builder returns (query templates, chain, facts, answer).
+
+def _weather(city):
+    c = WORLD.cities[city]
+    return (["What is the temperature in {0} right now?", "How warm is it in {0}?", "Tell me the current temperature in {0}."],
+            [("get_weather", {"city": city})], [c.temp_c], f"It is {c.temp_c} C in {city}.", (city,))
+
+
+def _city_pop(city):
+    c = WORLD.cities[city]
+    return (["What is the population of {0}?", "How many people live in {0}?", "Give me the number of inhabitants of {0}."],
+            [("get_city", {"city": city})], [c.population], f"{city} has {c.population} inhabitants.", (city,))
+
+
+def _capital(country):
+    c = WORLD.countries[country]
+    return (["What is the capital of {0}?", "Which city is the capital of {0}?", "Name the capital city of {0}."],
+            [("get_country", {"country": country})], [c.capital], f"The capital of {country} is {c.capital}.", (country,))
+
+
+def _film_year(title):
+    f = WORLD.films[title]
+    return (["In which year was the film {0} released?", "When did {0} come out?", "What year is the film {0} from?"],
+            [("search_film", {"title": title})], [f.year], f"{title} was released in {f.year}.", (title,))
+
+
+def _stock(ticker):
+    c = WORLD.tickers[ticker]
+    return (["What is the stock price of {0}?", "How much does one {0} share cost?", "Quote the share price of {0}."],
+            [("get_stock_quote", {"ticker": ticker})], [c.price_usd], f"{ticker} trades at {c.price_usd} USD.", (ticker,))
+
+
+def _capital_weather(country):
+    c = WORLD.countries[country]
+    t = WORLD.cities[c.capital].temp_c
+    return (["What is the temperature in the capital of {0}?", "How warm is it in the capital city of {0}?",
+             "Tell me the current temperature in the capital of {0}."],
+            [("get_country", {"country": country}), ("get_weather", {"city": c.capital})], [t, c.capital],
+            f"It is {t} C in {c.capital}, the capital of {country}.", (country,))
+
+
+def _city_currency(city):
+    country = WORLD.cities[city].country
+    code = WORLD.countries[country].currency
+    return (["Which currency is used in {0}?", "What money do people pay with in {0}?", "Name the currency of the country of {0}."],
+            [("get_city", {"city": city}), ("get_country", {"country": country})], [code],
+            f"{city} is in {country}, whose currency is {code}.", (city,))
+
+
+def _director_birthplace(title):
+    d = WORLD.films[title].director
+    city = WORLD.people[d].born_city
+    return (["Where was the director of {0} born?", "In which city was the director of the film {0} born?",
+             "Name the birth city of the director of {0}."],
+            [("search_film", {"title": title}), ("search_person", {"name": d})], [d, city],
+            f"{d}, the director of {title}, was born in {city}.", (title,))
+
+
+def _company_price(name):
+    c = WORLD.companies[name]
+    return (["What is the stock price of {0}?", "How much does one share of {0} cost?", "Quote the share price of {0}."],
+            [("search_company", {"name": name}), ("get_stock_quote", {"ticker": c.ticker})], [c.price_usd],
+            f"{name} ({c.ticker}) trades at {c.price_usd} USD.", (name,))
+
+
+def _ceo_birth_year(name):
+    c = WORLD.companies[name]
+    year = WORLD.people[c.ceo].birth_year
+    return (["In which year was the CEO of {0} born?", "When was the chief executive of {0} born?",
+             "What is the birth year of the CEO of {0}?"],
+            [("search_company", {"name": name}), ("search_person", {"name": c.ceo})], [year],
+            f"{c.ceo}, the CEO of {name}, was born in {year}.", (name,))
+
+
+def _company_price_local(name, code):
+    c = WORLD.companies[name]
+    rate = round(WORLD.currencies[code] / WORLD.currencies["USD"], 4)
+    expression = f"{c.price_usd} * {rate}"
+    value = round(calculate(expression), 2)
+    return (["What does one share of {0} cost in {1}?", "Give the price of a {0} share in {1}.",
+             "How much is one {0} share worth in {1}?"],
+            [("search_company", {"name": name}), ("get_stock_quote", {"ticker": c.ticker}),
+             ("get_exchange_rate", {"base": "USD", "target": code}), ("calculator", {"expression": expression})],
+            [value], f"One share of {name} costs {value} {code}.", (name, code))
+
+
+def _director_weather_f(title):
+    d = WORLD.films[title].director
+    city = WORLD.people[d].born_city
+    t = WORLD.cities[city].temp_c
+    f = convert(t, "C", "F")
+    return (["What is the temperature in Fahrenheit in the birth city of the director of {0}?",
+             "How warm is it, in F, where the director of {0} was born?",
+             "Give the temperature in degrees F in the city where the director of {0} was born."],
+            [("search_film", {"title": title}), ("search_person", {"name": d}), ("get_weather", {"city": city}),
+             ("convert_units", {"value": t, "from_unit": "C", "to_unit": "F"})],
+            [f], f"It is {f} F in {city}, where {d} was born.", (title,))
+
+
+def _capital_pop_diff(a, b):
+    ca, cb = WORLD.countries[a].capital, WORLD.countries[b].capital
+    pa, pb = WORLD.cities[ca].population, WORLD.cities[cb].population
+    expression = f"{pa} - {pb}"
+    diff = int(calculate(expression))
+    return (["How many more people live in the capital of {0} than in the capital of {1}?",
+             "What is the population of the capital of {0} minus that of the capital of {1}?",
+             "By how much does the population of the capital of {0} exceed that of the capital of {1}?"],
+            [("get_country", {"country": a}), ("get_country", {"country": b}), ("get_city", {"city": ca}),
+             ("get_city", {"city": cb}), ("calculator", {"expression": expression})],
+            [diff], f"The difference is {diff} ({ca} {pa}, {cb} {pb}).", (a, b))
+
+
+_CITIES, _COUNTRIES = sorted(WORLD.cities), sorted(WORLD.countries)
+_FILMS, _COMPANIES, _TICKERS = sorted(WORLD.films), sorted(WORLD.companies), sorted(WORLD.tickers)
+_CODES = sorted(c for c in WORLD.currencies if c != "USD")
+
+TASK_TYPES = {
+    "weather": (1, [_CITIES], _weather),
+    "city_population": (1, [_CITIES], _city_pop),
+    "capital": (1, [_COUNTRIES], _capital),
+    "film_year": (1, [_FILMS], _film_year),
+    "stock_price": (1, [_TICKERS], _stock),
+    "capital_weather": (2, [_COUNTRIES], _capital_weather),
+    "city_currency": (2, [_CITIES], _city_currency),
+    "director_birthplace": (2, [_FILMS], _director_birthplace),
+    "company_price": (2, [_COMPANIES], _company_price),
+    "ceo_birth_year": (2, [_COMPANIES], _ceo_birth_year),
+    "company_price_local": (3, [_COMPANIES, _CODES], _company_price_local),
+    "director_weather_f": (3, [_FILMS], _director_weather_f),
+    "capital_population_diff": (3, [_COUNTRIES, _COUNTRIES], _capital_pop_diff),
+}
+SPLITS = ("train", "val", "test")
+
+
+def split_of(kind: str, entities: tuple) -> str:
+    """Which split an (entity combination, task type) belongs to: 70% train, 10% val, 20% test, by hash."""
+    h = int(hashlib.sha256(json.dumps([kind, list(entities)]).encode()).hexdigest()[:8], 16) % 10
+    return "train" if h < 7 else "val" if h < 8 else "test"
+
+
+def _pools():
+    """For every task type and split, the entity combinations that belong to it (computed once)."""
+    pools = {}
+    for kind, (_, domains, _) in TASK_TYPES.items():
+        combos = [(x,) for x in domains[0]] if len(domains) == 1 else \
+            [(x, y) for x in domains[0] for y in domains[1] if x != y]
+        for split in SPLITS:
+            pools[kind, split] = [c for c in combos if split_of(kind, c) == split]
+    return pools
+
+
+POOLS = _pools()
+
+
+def make_tasks(split: str, n: int, seed: int = 0, group: int | None = None, n_distractors: int = 2) -> list[Task]:
+    """n tasks of `split` (train | val | test), groups uniform unless `group` is given. Deterministic."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    if group not in (None, 1, 2, 3):
+        raise ValueError(f"group must be 1, 2 or 3 (got {group})")
+    rng = random.Random(f"{split}:{seed}")
+    kinds = {g: [k for k, v in TASK_TYPES.items() if v[0] == g and POOLS[k, split]] for g in (1, 2, 3)}
+    tasks = []
+    for i in range(n):
+        g = group or rng.choice((1, 2, 3))
+        kind = rng.choice(kinds[g])
+        entities = rng.choice(POOLS[kind, split])
+        templates, chain, facts, answer, _ = TASK_TYPES[kind][2](*entities)
+        query = rng.choice(templates).format(*entities)
+        relevant = list(dict.fromkeys(tool for tool, _ in chain))
+        others = [t for t in SCHEMAS if t not in relevant]
+        tools = relevant + rng.sample(others, min(n_distractors, len(others)))
+        rng.shuffle(tools)
+        tasks.append(Task(f"{split}-{seed}-{i}", g, split, query, tools, answer, facts, relevant, chain, kind))
+    return tasks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The scripted expert
+
+
+THOUGHTS = {
+    "get_city": "I need facts about {city}.", "get_country": "I need facts about {country}.",
+    "get_weather": "I need the weather in {city}.", "get_stock_quote": "I need the price of {ticker}.",
+    "search_company": "I need to look up {name}.", "search_person": "I need to look up {name}.",
+    "search_film": "I need to look up {title}.", "get_exchange_rate": "I need the rate from {base} to {target}.",
+    "calculator": "I compute {expression}.", "convert_units": "I convert {value} {from_unit} to {to_unit}.",
+}
+
+
+@dataclass
+class Expert:
+    """Follows the reference chain; retries a failed call (faults) up to `max_retries` times, then gives up.
+    Noise (probabilities per step) makes imperfect demonstrations."""
+    skip_step: float = 0.0
+    wrong_arg: float = 0.0
+    wrong_tool: float = 0.0
+    early_finish: float = 0.0
+    max_retries: int = 2
+    seed: int = 0
+
+    def act(self, task: Task, history: list) -> str:
+        rng = random.Random(f"{self.seed}:{task.id}:{len(history)}")
+        done = sum(1 for _, r in history if r is not None and r.ok)
+        failed_in_a_row = 0
+        for _, r in reversed(history):
+            if r is not None and r.ok:
+                break
+            failed_in_a_row += 1
+        if failed_in_a_row > self.max_retries:
+            return format_action("The tools keep failing; I give up.", "Finish", {"return_type": "give_up_and_restart"})
+        if done >= len(task.reference_chain) or (history and rng.random() < self.early_finish):
+            return format_action("I have the answer.", "Finish", {"return_type": "give_answer", "final_answer": task.answer})
+        if rng.random() < self.skip_step and done + 1 < len(task.reference_chain):
+            done += 1
+        tool, args = task.reference_chain[done]
+        thought = THOUGHTS.get(tool, "I call {tool}.").format(tool=tool, **args)
+        if rng.random() < self.wrong_tool:
+            tool = rng.choice([t for t in task.tools if t != tool] or [tool])
+        if rng.random() < self.wrong_arg and args:
+            key = rng.choice(sorted(args))
+            args = {**args, key: rng.choice(_CITIES) if isinstance(args[key], str) else args[key] + 1}
+        return format_action(thought, tool, args)
+
+
+def expert_episode(task: Task, env, expert: Expert | None = None, max_steps: int = 12) -> list:
+    """Run the expert to the end: [(action_text, ToolResult or None for Finish)]."""
+    from_rollout = None
+    expert = expert or Expert()
+    history = []
+    for _ in range(max_steps):
+        action = expert.act(task, history)
+        if "\nAction: Finish\n" in action:
+            history.append((action, from_rollout))
+            break
+        tool = action.split("\nAction: ", 1)[1].split("\n", 1)[0]
+        args = json.loads(action.split("\nAction Input: ", 1)[1])
+        history.append((action, env.call(tool, args)))
+    return history
+
+
+def final_answer_of(history: list) -> str:
+    if not history or "\nAction: Finish\n" not in history[-1][0]:
+        return ""
+    return json.loads(history[-1][0].split("\nAction Input: ", 1)[1]).get("final_answer", "")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Answer checking
+
+
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
+_ARTICLES = re.compile(r"\b(the|a|an)\b")
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(m.group(0).replace(",", "")) for m in _NUMBER.finditer(text)]
+
+
+def _normalise(text: str) -> str:
+    text = re.sub(r"[^\w\s]", " ", text.lower())
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def fact_present(fact, answer: str) -> bool:
+    """Numbers: a whole number in the answer within tolerance (integers exact; decimals ±0.011 + 0.01%).
+    Strings: the normalised fact as whole words of the normalised answer."""
+    if isinstance(fact, (int, float)) and not isinstance(fact, bool):
+        tol = 0.5 if isinstance(fact, int) else 0.011 + 1e-4 * abs(fact)
+        return any(abs(x - fact) <= tol for x in _numbers(answer))
+    return f" {_normalise(str(fact))} " in f" {_normalise(answer)} "
+
+
+def check_answer(final_answer: str, task: Task) -> float:
+    """IsSolved: SOLVED if every fact is present, UNSURE if some are (or the task has no facts to judge),
+    UNSOLVED if none."""
+    if not task.facts:
+        return UNSURE
+    present = [fact_present(f, final_answer or "") for f in task.facts]
+    return SOLVED if all(present) else UNSURE if any(present) else UNSOLVED
+
+
+def relevant_tool_recall(called_tools, task: Task) -> float:
+    """Fraction of the task's relevant tools the agent called at least once."""
+    if not task.relevant_tools:
+        return 1.0
+    return len(set(called_tools) & set(task.relevant_tools)) / len(set(task.relevant_tools))
