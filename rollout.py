@@ -20,7 +20,9 @@ Choices and deviations (numbered, as the paper leaves them open):
     observation telling the model what was wrong, SuccCalling 0, and the episode goes on.
  3. `step_id` marks a step's action tokens *and* the observation that follows them; the prompt is -1. The value of
     the state before step t is read at the token just before the step's first action token (ppo.py).
- 4. Pass rate counts Solved only (IsSolved == 1); Unsure (0.5) is reported separately.
+ 4. Pass rate counts Solved only (IsSolved == 1); Unsure (0.5) is reported separately. An invalid action is one
+    that did not parse or that the tools rejected (unknown tool, bad arguments, value outside the domain); an
+    injected fault is not the agent's fault and does not count.
 """
 from __future__ import annotations
 
@@ -353,7 +355,8 @@ def episode_metrics(episodes: list[Episode]) -> dict:
             "unsure_rate": sum(s == 0.5 for s in scores) / len(eps),
             "recall": sum(relevant_tool_recall([s.tool for s in ep.steps if s.tool], ep.task) for ep in eps) / len(eps),
             "avg_steps": len(steps) / len(eps),
-            "invalid_action_rate": sum(bool(s.error) and s.result is None for s in steps) / max(len(steps), 1),
+            "invalid_action_rate": sum(s.result is None and bool(s.error) or getattr(s.result, "invalid", False)
+                                       for s in steps) / max(len(steps), 1),
         }
     groups = sorted({ep.task.group for ep in episodes})
     out = {f"G{g}": summarise([ep for ep in episodes if ep.task.group == g]) for g in groups}

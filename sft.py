@@ -20,6 +20,7 @@ import json
 import math
 import os
 import time
+from dataclasses import asdict
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
@@ -71,10 +72,11 @@ def _split_call(action: str):
 
 
 def sft_hash(cfg) -> str:
+    """Everything the warm start depends on; a run with the same values reuses the cached SFT model."""
     keys = ["seed", "template", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-            "intermediate_size", "sft_tasks", "sft_epochs", "sft_lr", "max_steps", "max_action_tokens",
-            "max_total_tokens", "max_obs_tokens", "token_budget", "fault_rate"]
-    blob = json.dumps({k: getattr(cfg, k) for k in keys}, sort_keys=True)
+            "intermediate_size", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "fault_rate"]
+    blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, **asdict(cfg.rollout),
+                       "token_budget": cfg.ppo.token_budget}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -91,7 +93,7 @@ def warm_start(cfg, env, rollout_cfg, device, dtype, log=print):
         model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=max(2048, cfg.max_total_tokens), tie_word_embeddings=True,
+        max_position_embeddings=max(2048, rollout_cfg.max_total_tokens), tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     torch.manual_seed(cfg.seed)
     model = Transformer(config).to(device=device, dtype=dtype)
@@ -128,7 +130,7 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
             idx = order[b * cfg.sft_batch:(b + 1) * cfg.sft_batch]
             n_action = sum(sum(episodes[i].action_mask) for i in idx)
             loss_sum = 0.0
-            for mb in pack_microbatches([lengths[i] for i in idx], cfg.token_budget):
+            for mb in pack_microbatches([lengths[i] for i in idx], cfg.ppo.token_budget):
                 batch = collate([episodes[idx[j]] for j in mb], pad_id, device)
                 logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])      # (b, T, V)
                 logp = token_logprobs(logits, batch["input_ids"])                             # (b, T)

@@ -279,6 +279,7 @@ def main(cfg: Config) -> dict:
         rng = random.Random(cfg.seed * 1_000_003 + it)
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
         tasks = rng.sample(train_tasks, cfg.episodes_per_iter)
+        env.reset(seed=cfg.seed * 1_000_003 + it)          # fault sequence, too
         model.eval()
         episodes = []
         for i in tqdm(range(0, len(tasks), cfg.rollout_batch), desc=f"iter {it} rollout", leave=False):

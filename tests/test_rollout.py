@@ -1,0 +1,137 @@
+"""The rollout loop: exact token bookkeeping, KV-continuation log-probs, batching, and evaluation."""
+import pytest
+import torch
+
+from model import ModelConfig, Transformer
+from ppo import token_logprobs
+from rollout import (TEMPLATES, ModelPolicy, RolloutConfig, ScriptedPolicy, collate, episode_metrics,
+                     observation_ids, rollout, system_prompt)
+from sft import corpus, train_tokenizer
+from tools import Environment, Expert, make_tasks
+
+
+@pytest.fixture(scope="module")
+def env():
+    return Environment()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(env):
+    return train_tokenizer(corpus(env, make_tasks("train", 200, seed=3), "chatml"), 600, "chatml")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return Transformer(cfg).eval()
+
+
+def test_a_scripted_episode_has_exactly_the_expected_tokens_masks_and_step_ids(env, tokenizer):
+    task = make_tasks("test", 1, seed=0, group=2)[0]
+    cfg = RolloutConfig()
+    [ep] = rollout(ScriptedPolicy(Expert(), tokenizer, cfg), [task], env, tokenizer, cfg)
+    # Rebuild the sequence by hand from its segments: prompt, then (action + <|im_end|>, observation) per step.
+    t = TEMPLATES["chatml"]
+    eot = [tokenizer.token_to_id("<|im_end|>")]
+    prompt = tokenizer.encode(t.prompt.format(system=system_prompt(env, task), user=task.query))
+    ids, mask, step = list(prompt), [0] * len(prompt), [-1] * len(prompt)
+    history = []
+    for s in range(len(task.reference_chain) + 1):
+        action = Expert().act(task, history)
+        a = tokenizer.encode(action) + eot
+        ids, mask, step = ids + a, mask + [1] * len(a), step + [s] * len(a)
+        if s == len(task.reference_chain):
+            break
+        tool, args = task.reference_chain[s]
+        result = env.call(tool, args)
+        history.append((action, result))
+        o = observation_ids(tokenizer, t, result.text, cfg.max_obs_tokens)
+        ids, mask, step = ids + o, mask + [0] * len(o), step + [s] * len(o)
+    assert ep.token_ids == ids
+    assert ep.action_mask == mask
+    assert ep.step_id == step
+    assert ep.stop_reason == "finish" and ep.solved == 1.0
+    assert [s.tool for s in ep.steps] == [tool for tool, _ in task.reference_chain] + ["Finish"]
+    assert all(s.success for s in ep.steps)
+    # The decoded sequence is the chat transcript, observations in function turns.
+    text = tokenizer.decode(ep.token_ids)
+    assert text.startswith("<|im_start|>system\n") and text.count("<|im_start|>function\n") == 2
+    assert text.endswith(task.answer + '"}<|im_end|>')
+
+
+def test_collate_marks_each_steps_first_and_last_action_token(env, tokenizer):
+    tasks = make_tasks("val", 3, seed=1)
+    cfg = RolloutConfig()
+    episodes = rollout(ScriptedPolicy(Expert(), tokenizer, cfg), tasks, env, tokenizer, cfg)
+    for ep in episodes:
+        ep.rewards = [0.0] * len(ep.steps)
+    batch = collate(episodes, tokenizer.pad_id)
+    for b, ep in enumerate(episodes):
+        for s in range(len(ep.steps)):
+            positions = [i for i, (m, k) in enumerate(zip(ep.action_mask, ep.step_id)) if m and k == s]
+            assert batch["step_start"][b, s] == positions[0]
+            assert batch["step_end"][b, s] == positions[-1]
+        assert batch["step_mask"][b].sum() == len(ep.steps)
+        assert batch["attention_mask"][b].sum() == len(ep.token_ids)
+        assert batch["action_mask"][b].sum() == sum(ep.action_mask)
+
+
+def test_sampling_logprobs_of_a_multi_step_rollout_equal_one_fresh_forward(env, tokenizer, tiny_model):
+    # An untrained model writes garbage, so every step fails to parse, gets an error observation and goes on:
+    # several KV continuations per episode, rows of different lengths, holes in the cache.
+    cfg = RolloutConfig(max_steps=3, max_action_tokens=24, max_total_tokens=1024)
+    tasks = make_tasks("train", 6, seed=2)
+    gen = torch.Generator().manual_seed(0)
+    episodes = rollout(ModelPolicy(tiny_model, tokenizer, cfg, gen), tasks, env, tokenizer, cfg)
+    assert max(len(ep.steps) for ep in episodes) == 3
+    for ep in episodes:
+        ep.rewards = [0.0] * len(ep.steps)
+    batch = collate(episodes, tokenizer.pad_id)
+    with torch.no_grad():
+        fresh = token_logprobs(tiny_model(batch["input_ids"], attention_mask=batch["attention_mask"]),
+                               batch["input_ids"])                                                     # (B, T)
+    m = batch["action_mask"]
+    assert m.sum() > 100
+    assert torch.allclose(fresh[m], batch["old_logprobs"][m], atol=1e-4)
+
+
+def test_episodes_end_at_max_steps_and_at_the_token_budget(env, tokenizer, tiny_model):
+    tasks = make_tasks("train", 4, seed=5)
+    few_steps = RolloutConfig(max_steps=2, max_action_tokens=16)
+    episodes = rollout(ModelPolicy(tiny_model, tokenizer, few_steps, torch.Generator().manual_seed(1)), tasks, env,
+                       tokenizer, few_steps)
+    assert all(ep.stop_reason == "max_steps" and len(ep.steps) == 2 for ep in episodes)
+    budget = RolloutConfig(max_steps=12, max_action_tokens=16, max_total_tokens=560)
+    episodes = rollout(ModelPolicy(tiny_model, tokenizer, budget, torch.Generator().manual_seed(1)), tasks, env,
+                       tokenizer, budget)
+    assert all(ep.stop_reason == "token_budget" and len(ep.token_ids) <= 560 for ep in episodes)
+
+
+def test_an_unknown_tool_and_invalid_arguments_become_failed_steps_with_error_observations(env, tokenizer):
+    class Script:
+        def act(self, task, history):
+            return ['Action: teleport\nAction Input: {"to": "Mars"}',
+                    'Action: get_weather\nAction Input: {"town": "Paris"}',
+                    'Action: Finish\nAction Input: {"return_type": "give_up_and_restart"}'][len(history)]
+    cfg = RolloutConfig()
+    [ep] = rollout(ScriptedPolicy(Script(), tokenizer, cfg), make_tasks("test", 1), env, tokenizer, cfg)
+    unknown, invalid, finish = ep.steps
+    assert not unknown.success and "unknown tool 'teleport'" in unknown.observation
+    assert not invalid.success and "missing required argument(s): city" in invalid.observation
+    assert finish.tool == "Finish" and ep.stop_reason == "give_up" and ep.solved == 0.0
+    assert episode_metrics([ep])["all"]["invalid_action_rate"] == pytest.approx(2 / 3)
+
+
+def test_sixty_four_episodes_of_the_tiny_model_run_end_to_end(env, tokenizer, tiny_model):
+    cfg = RolloutConfig(max_steps=3, max_action_tokens=32)
+    tasks = make_tasks("train", 64, seed=7)
+    episodes = rollout(ModelPolicy(tiny_model, tokenizer, cfg, torch.Generator().manual_seed(2)), tasks, env,
+                       tokenizer, cfg)
+    assert len(episodes) == 64
+    for ep in episodes:
+        assert len(ep.token_ids) == len(ep.action_mask) == len(ep.step_id) == len(ep.logprobs)
+        assert 1 <= len(ep.steps) <= 3 and ep.stop_reason
+    metrics = episode_metrics(episodes)
+    assert set(metrics) == {"G1", "G2", "G3", "all"} and metrics["all"]["n"] == 64
