@@ -69,9 +69,20 @@ SYSTEM_PROMPT = (
     '{{"return_type": "give_answer", "final_answer": "..."}}.')
 
 
-def system_prompt(env, task) -> str:
-    schemas = env.schemas(task.tools)
-    return SYSTEM_PROMPT.format(tools="\n".join(json.dumps(s, separators=(",", ":")) for s in schemas))
+def compact_schema(schema: dict) -> str:
+    """One line per tool: `name(arg: type, ...) - description`. The same facts as the JSON schema in ~40% of the
+    tokens (all parameters are required in the mocked APIs; enums are listed)."""
+    props = schema["parameters"]["properties"]
+    args = ", ".join(f"{k}: {v['type']}" + (f" [{'|'.join(map(str, v['enum']))}]" if "enum" in v else "")
+                     for k, v in props.items())
+    return f"{schema['name']}({args}) - {schema['description']}"
+
+
+SCHEMA_FORMATS = {"json": lambda s: json.dumps(s, separators=(",", ":")), "compact": compact_schema}
+
+
+def system_prompt(env, task, schema_format: str = "compact") -> str:
+    return SYSTEM_PROMPT.format(tools="\n".join(map(SCHEMA_FORMATS[schema_format], env.schemas(task.tools))))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -167,7 +178,8 @@ class Episode:
 @dataclass
 class RolloutConfig:
     template: str = "chatml"
-    max_steps: int = 6               # tool calls + Finish
+    schema_format: str = "compact"   # how the system prompt lists tools: "compact" signatures or OpenAI "json"
+    max_steps: int = 8               # tool calls + Finish (the longest reference chain is 5 calls + Finish)
     max_action_tokens: int = 96      # per step
     max_total_tokens: int = 1024     # prompt + all steps + observations
     max_obs_tokens: int = 192        # observation tokens beyond this are cut (bounds memory and the KV cache)
@@ -247,7 +259,7 @@ def rollout(policy, tasks, env, tokenizer, cfg: RolloutConfig) -> list[Episode]:
     eot_id = tokenizer.token_to_id(template.end_of_turn)
     episodes = [Episode(task) for task in tasks]
     for ep in episodes:
-        prompt = template.prompt.format(system=system_prompt(env, ep.task), user=ep.task.query)
+        prompt = template.prompt.format(system=system_prompt(env, ep.task, cfg.schema_format), user=ep.task.query)
         ep.append(tokenizer.encode(prompt), False, -1)
     live = list(range(len(episodes)))                           # episode index of each policy row
     policy.start([episodes[i].token_ids for i in live])

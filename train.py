@@ -73,6 +73,8 @@ class Config:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 512
+    sft_seed: int = 0
+    """Seed of the warm start, separate from --seed so RL seeds share one SFT model (as the paper's runs do)."""
     sft_tasks: int = 1200
     sft_epochs: int = 3
     sft_batch: int = 32
@@ -91,6 +93,8 @@ class Config:
     lr: float = 3e-4
     eval_every: int = 4
     keep_checkpoints: int = 2
+    max_bad_iters: int = 3
+    """Stop after this many consecutive iterations whose every optimizer step was non-finite (and skipped)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -272,6 +276,7 @@ def main(cfg: Config) -> dict:
 
     reward_fn = REWARDS[cfg.reward]
     autocast = dtype if dtype != torch.float32 else None
+    bad_iters = 0
     for it in range(start, cfg.iters):
         t0 = time.time()
         # Everything random in an iteration derives from (seed, it): resuming at `it` replays it exactly.
@@ -292,6 +297,11 @@ def main(cfg: Config) -> dict:
         model.train()
         stats = ppo_update(policy, optimizer, batch, cfg.ppo, reference_logprobs_fn=reference_logprobs,
                            autocast_dtype=autocast, device_type=device.type, generator=gen)
+        # Numerical guard (ppo.py skips any non-finite step); a run that only produces them stops here.
+        bad_iters = bad_iters + 1 if stats["skipped_steps"] == stats["optimizer_steps"] else 0
+        if bad_iters >= cfg.max_bad_iters:
+            raise RuntimeError(f"iteration {it}: every update of the last {bad_iters} iterations was non-finite "
+                               f"(loss or gradient); lower --lr or check the data. Last checkpoint is intact.")
         train_m = episode_metrics(episodes)["all"]
         record = {"iter": it, "return": sum(sum(ep.rewards) for ep in episodes) / len(episodes),
                   "train_pass": train_m["pass_rate"], "train_steps": train_m["avg_steps"],
@@ -326,6 +336,6 @@ def main(cfg: Config) -> dict:
 if __name__ == "__main__":
     try:
         main(parse_config())
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

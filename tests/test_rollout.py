@@ -35,7 +35,7 @@ def test_a_scripted_episode_has_exactly_the_expected_tokens_masks_and_step_ids(e
     # Rebuild the sequence by hand from its segments: prompt, then (action + <|im_end|>, observation) per step.
     t = TEMPLATES["chatml"]
     eot = [tokenizer.token_to_id("<|im_end|>")]
-    prompt = tokenizer.encode(t.prompt.format(system=system_prompt(env, task), user=task.query))
+    prompt = tokenizer.encode(t.prompt.format(system=system_prompt(env, task, cfg.schema_format), user=task.query))
     ids, mask, step = list(prompt), [0] * len(prompt), [-1] * len(prompt)
     history = []
     for s in range(len(task.reference_chain) + 1):

@@ -65,8 +65,8 @@ class Company:
 
 
 class World:
-    def __init__(self, seed: int = WORLD_SEED, n_countries: int = 16, cities_per_country: int = 4, n_people: int = 48,
-                 n_films: int = 48, n_companies: int = 32):
+    def __init__(self, seed: int = WORLD_SEED, n_countries: int = 60, cities_per_country: int = 4, n_people: int = 240,
+                 n_films: int = 240, n_companies: int = 160):
         rng = random.Random(seed)
         used: set[str] = set()
 
