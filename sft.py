@@ -30,7 +30,7 @@ from tqdm import tqdm
 from model import ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained
 from ppo import pack_microbatches, token_logprobs
 from rollout import TEMPLATES, ScriptedPolicy, collate, rollout, system_prompt
-from tools import Expert, make_tasks
+from tools import Expert, make_tasks, suite_fingerprint
 
 
 def train_tokenizer(texts, vocab_size: int, template: str) -> Tokenizer:
@@ -81,7 +81,7 @@ def sft_hash(cfg) -> str:
     keys = ["sft_seed", "template", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
             "intermediate_size", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "fault_rate"]
     blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, **asdict(cfg.rollout),
-                       "token_budget": cfg.ppo.token_budget}, sort_keys=True)
+                       "token_budget": cfg.ppo.token_budget, "suite": suite_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -4,5 +4,5 @@ Pure Python, deterministic, offline. See README ("The task suite") and `python -
 """
 from .apis import SCHEMAS, Environment, FaultConfig, ToolResult, FAULT_KINDS, calculate
 from .tasks import (SOLVED, UNSOLVED, UNSURE, TASK_TYPES, Expert, Task, check_answer, expert_episode,
-                    final_answer_of, format_action, make_tasks, relevant_tool_recall)
+                    final_answer_of, format_action, make_tasks, relevant_tool_recall, suite_fingerprint)
 from .toolbench import load_toolbench

@@ -3,9 +3,13 @@
 Groups mirror ToolBench's G1/G2/G3: (1) one relevant tool; (2) 2–3 chained calls where later arguments come from
 earlier results; (3) 3–5 calls across categories (finance + math, knowledge + weather + math, geography + math).
 
-Splits: for every task type, its entities are partitioned between train / val / test by a hash of (type, entity),
-so no (entity, template) pair is shared across splits; every test task is a composition (type x entities, and for
-two-entity types the pair) never seen in training. Deterministic from (split, seed); tens of thousands per second.
+Splits: every task type has three query templates (phrasings). A task is (type, entities, template); the
+(entities, template) pairs are partitioned between train / val / test by a hash, so no (entity, template) pair is
+shared across splits. For the two-entity types (G3: a company and a currency; two countries) the entity *pair* is
+partitioned whatever the template, so those test tasks are compositions never seen in training. A single entity
+does appear in training under another phrasing or in another task type: the world is small enough for a tiny model
+trained from scratch in minutes (see README, "Design of the benchmark"). Deterministic from (split, seed); tens of
+thousands of tasks per second.
 """
 from __future__ import annotations
 
@@ -175,20 +179,22 @@ TASK_TYPES = {
 SPLITS = ("train", "val", "test")
 
 
-def split_of(kind: str, entities: tuple) -> str:
-    """Which split an (entity combination, task type) belongs to: 70% train, 10% val, 20% test, by hash."""
-    h = int(hashlib.sha256(json.dumps([kind, list(entities)]).encode()).hexdigest()[:8], 16) % 10
+def split_of(kind: str, entities: tuple, template: int) -> str:
+    """The split of a task: 70% train, 10% val, 20% test, by a hash of (type, entities, template) — of
+    (type, entities) alone for two-entity types, so their test pairs are unseen in training."""
+    key = [kind, list(entities)] + ([template] if len(entities) == 1 else [])
+    h = int(hashlib.sha256(json.dumps(key).encode()).hexdigest()[:8], 16) % 10
     return "train" if h < 7 else "val" if h < 8 else "test"
 
 
 def _pools():
-    """For every task type and split, the entity combinations that belong to it (computed once)."""
+    """For every task type and split, the (entities, template index) combinations that belong to it."""
     pools = {}
     for kind, (_, domains, _) in TASK_TYPES.items():
         combos = [(x,) for x in domains[0]] if len(domains) == 1 else \
             [(x, y) for x in domains[0] for y in domains[1] if x != y]
         for split in SPLITS:
-            pools[kind, split] = [c for c in combos if split_of(kind, c) == split]
+            pools[kind, split] = [(c, t) for c in combos for t in range(3) if split_of(kind, c, t) == split]
     return pools
 
 
@@ -207,9 +213,9 @@ def make_tasks(split: str, n: int, seed: int = 0, group: int | None = None, n_di
     for i in range(n):
         g = group or rng.choice((1, 2, 3))
         kind = rng.choice(kinds[g])
-        entities = rng.choice(POOLS[kind, split])
+        entities, template = rng.choice(POOLS[kind, split])
         templates, chain, facts, answer, _ = TASK_TYPES[kind][2](*entities)
-        query = rng.choice(templates).format(*entities)
+        query = templates[template].format(*entities)
         relevant = list(dict.fromkeys(tool for tool, _ in chain))
         others = [t for t in SCHEMAS if t not in relevant]
         tools = relevant + rng.sample(others, min(n_distractors, len(others)))
@@ -328,3 +334,11 @@ def relevant_tool_recall(called_tools, task: Task) -> float:
     if not task.relevant_tools:
         return 1.0
     return len(set(called_tools) & set(task.relevant_tools)) / len(set(task.relevant_tools))
+
+
+def suite_fingerprint() -> str:
+    """A short hash of the world and the task types: caches built from the task suite (the SFT warm start) are
+    keyed by it, so changing the suite never reuses a stale model."""
+    blob = json.dumps([sorted(WORLD.cities), sorted(WORLD.people), sorted(WORLD.films), sorted(WORLD.companies),
+                       sorted(TASK_TYPES)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

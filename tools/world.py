@@ -65,8 +65,8 @@ class Company:
 
 
 class World:
-    def __init__(self, seed: int = WORLD_SEED, n_countries: int = 60, cities_per_country: int = 4, n_people: int = 240,
-                 n_films: int = 240, n_companies: int = 160):
+    def __init__(self, seed: int = WORLD_SEED, n_countries: int = 8, cities_per_country: int = 3, n_people: int = 16,
+                 n_films: int = 16, n_companies: int = 12):
         rng = random.Random(seed)
         used: set[str] = set()
 
