@@ -340,5 +340,5 @@ def suite_fingerprint() -> str:
     """A short hash of the world and the task types: caches built from the task suite (the SFT warm start) are
     keyed by it, so changing the suite never reuses a stale model."""
     blob = json.dumps([sorted(WORLD.cities), sorted(WORLD.people), sorted(WORLD.films), sorted(WORLD.companies),
-                       sorted(TASK_TYPES)])
+                       sorted(f"{k}" for k in POOLS.items())])
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
