@@ -292,13 +292,14 @@ class ValueHead(nn.Module):
 
 class PolicyWithValue(nn.Module):
     """Actor and critic in one module and one forward, so DDP / one backward sees both."""
-    def __init__(self, model: Transformer, value_head: ValueHead):
+    def __init__(self, model: Transformer, value_head: ValueHead, detach_critic: bool = False):
         super().__init__()
-        self.model, self.value_head = model, value_head
+        self.model, self.value_head, self.detach_critic = model, value_head, detach_critic
 
     def forward(self, input_ids, attention_mask=None):
         logits, hidden = self.model(input_ids, attention_mask=attention_mask, return_hidden=True)
-        return logits, self.value_head(hidden)       # (B, T, V), (B, T) float32
+        # detach_critic: the value loss trains the head only, never the shared trunk (the policy's features).
+        return logits, self.value_head(hidden.detach() if self.detach_critic else hidden)   # (B,T,V), (B,T) f32
 
 
 # ------------------------------------------------------------------------------------------ KV cache + sampling

@@ -68,6 +68,8 @@ class PPOConfig:
     """use batch["old_logprobs"] from the rollout instead of recomputing them (contract 6)"""
     seed: int = 0
     """seed of the mini-batch shuffling generator"""
+    temperature: float = 1.0
+    """the rollouts' sampling temperature: π is softmax(logits / T), the distribution that was sampled"""
 
 
 def masked_mean(x, mask):
@@ -287,7 +289,7 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler
                 logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
                 if ref_lp is not None:
                     ref_lp[idx, :L] = reference_logprobs_fn(ids[idx, :L], att[idx, :L]).float()
-            old_lp[idx, :L], values[idx, :L] = token_logprobs(logits, ids[idx, :L]), v.float()
+            old_lp[idx, :L], values[idx, :L] = token_logprobs(logits / cfg.temperature, ids[idx, :L]), v.float()
     old_lp = batch["old_logprobs"].float() if cfg.use_sampling_logprobs else old_lp
 
     # (2) advantages and returns (B, T); the value loss applies where vmask is set
@@ -311,7 +313,8 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler
                 with nullcontext() if last else policy.no_sync():  # DDP: all-reduce on the last micro-batch only
                     with autocast:
                         logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
-                    new_lp, ent = token_logprobs(logits, ids[idx, :L], True, entropy_grad=cfg.ent_coef > 0)
+                    new_lp, ent = token_logprobs(logits / cfg.temperature, ids[idx, :L], True,
+                                                 entropy_grad=cfg.ent_coef > 0)
                     loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v.float()),
                                         old_v[idx, :L], ret[idx, :L], ent, am[idx, :L], cfg, n_tok,
                                         vmask[idx, :L], n_val, None if ref_lp is None else ref_lp[idx, :L])

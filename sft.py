@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 
 import torch
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
@@ -80,8 +79,10 @@ def sft_hash(cfg) -> str:
     """Everything the warm start depends on; a run with the same values reuses the cached SFT model."""
     keys = ["sft_seed", "template", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
             "intermediate_size", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "fault_rate"]
-    blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, **asdict(cfg.rollout),
-                       "token_budget": cfg.ppo.token_budget, "suite": suite_fingerprint()}, sort_keys=True)
+    shape = {k: getattr(cfg.rollout, k) for k in ("template", "schema_format", "max_steps", "max_action_tokens",
+                                                 "max_total_tokens", "max_obs_tokens")}   # not sampling settings
+    blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, **shape, "token_budget": cfg.ppo.token_budget,
+                       "suite": suite_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -93,6 +93,9 @@ class Config:
     lr: float = 5e-5
     eval_every: int = 4
     keep_checkpoints: int = 2
+    detach_critic: bool = True
+    """Train the value head on the policy's hidden states without back-propagating into them. With a tiny model
+    the shared critic's gradient degraded the policy (README, "Results"); TRL's default shares the trunk."""
     max_bad_iters: int = 3
     """Stop after this many consecutive iterations whose every optimizer step was non-finite (and skipped)."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -262,7 +265,7 @@ def main(cfg: Config) -> dict:
 
     # --- policy + critic (one module, one forward) and the reference policy
     value_head = ValueHead(model.config.hidden_size).to(device)
-    policy = PolicyWithValue(model, value_head)
+    policy = PolicyWithValue(model, value_head, detach_critic=cfg.detach_critic)
     if use_lora:
         reference = None                   # the base model with LoRA switched off: no second copy in memory
     else:
@@ -274,7 +277,7 @@ def main(cfg: Config) -> dict:
                 logits = model(input_ids, attention_mask=attention_mask)
         else:
             logits = reference(input_ids, attention_mask=attention_mask)
-        return token_logprobs(logits, input_ids)                                         # (B, T)
+        return token_logprobs(logits / cfg.ppo.temperature, input_ids)                   # (B, T)
 
     trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=0.0)
