@@ -87,10 +87,10 @@ class Config:
     # --- RL
     reward: str = "step"
     """step (StepTool's step-grained reward) | final (the PPO (Final Reward) baseline)."""
-    iters: int = 12
+    iters: int = 16
     episodes_per_iter: int = 64
     rollout_batch: int = 32
-    lr: float = 5e-5
+    lr: float = 2e-5
     eval_every: int = 4
     keep_checkpoints: int = 2
     detach_critic: bool = True
@@ -104,7 +104,7 @@ class Config:
 
 
 PRESETS = {
-    "default": dict(ppo_epochs=2),
+    "default": dict(ppo_epochs=2, temperature=0.7, kl_coef=0.1),
     "smoke": dict(out="runs/smoke", n_val=12, n_test=18, vocab_size=512, hidden_size=64, num_layers=2, num_heads=2,
                   num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2, episodes_per_iter=8,
                   rollout_batch=8, eval_every=1, max_steps=4, max_action_tokens=48, max_total_tokens=640,
