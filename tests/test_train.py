@@ -1,0 +1,98 @@
+"""train.py end to end: the smoke preset, exact resume after SIGKILL, and one-line errors for bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import load_pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train(*args, timeout=300):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, cache):
+    out = str(tmp_path_factory.mktemp("smoke"))
+    result = train("--preset", "smoke", "--out", out, "--cache-dir", cache)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result
+
+
+def test_the_smoke_preset_writes_metrics_a_loadable_checkpoint_and_the_final_table(smoke_run):
+    out, result = smoke_run
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["iter"] for r in lines] == [0, 1]
+    assert all(k in lines[0] for k in ("return", "approx_kl", "clipfrac", "entropy", "v_loss", "explained_variance",
+                                       "tokens_per_s", "val_pass"))
+    model, tokenizer = load_pretrained(os.path.join(out, "final"))
+    assert model.config.vocab_size >= tokenizer.vocab_size
+    assert os.path.isdir(os.path.join(out, "ckpt-000001", "model"))
+    assert "| SFT |" in result.stdout and "| StepTool |" in result.stdout
+    assert open(os.path.join(out, "results.md")).read().count("\n") == 4
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["preset"] == "smoke" and config["ppo"]["gamma"] == 0.99
+
+
+def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights_and_metrics(tmp_path, cache, smoke_run):
+    flags = ["--preset", "smoke", "--iters", "4", "--cache-dir", cache, "--eval-every", "2"]
+    straight = str(tmp_path / "straight")
+    assert train(*flags, "--out", straight).returncode == 0
+    killed = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--out", killed], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.isdir(os.path.join(killed, "ckpt-000001")) and time.time() < deadline:
+        time.sleep(0.05)                       # kill somewhere after the second checkpoint started to exist
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "results.json")), "the run finished before it was killed"
+    resumed = train(*flags, "--out", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    a = load_file(os.path.join(straight, "ckpt-000003", "trainable.safetensors"))
+    b = load_file(os.path.join(killed, "ckpt-000003", "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.load(open(os.path.join(d, "results.json"))) for d in (straight, killed))
+    strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("_s") and k != "tokens_per_s"} for r in h]  # noqa
+    assert strip(ra["history"]) == strip(rb["history"])
+    assert ra["test"] == rb["test"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
+    (["--episodes-per-iter", "0"], "--episodes-per-iter must be > 0"),
+    (["--reward", "best"], "--reward must be one of"),
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
+    (["--preset", "huge"], "unknown --preset 'huge'"),
+])
+def test_bad_flags_fail_with_one_clear_line_and_a_nonzero_exit(flags, message):
+    result = train(*flags, timeout=60)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_corrupt_model_directory_is_refused_with_one_line(tmp_path):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "gpt2", "vocab_size": 10}')
+    result = train("--model", str(bad), "--eval-only", "--out", str(tmp_path / "out"), timeout=60)
+    assert result.returncode == 2
+    assert "unsupported model_type 'gpt2'" in result.stderr and "Traceback" not in result.stderr
