@@ -69,11 +69,13 @@ class ToolError(Exception):
 
 def calculate(expression: str) -> float:
     tokens, i = [], 0
-    text = expression.replace(" ", "")
-    if not text or len(text) > 200:
+    text = expression
+    if not text.strip() or len(text) > 200:
         raise ToolError("expression must be 1-200 characters")
     while i < len(text):
-        if text[i] in "+-*/()":
+        if text[i] in " \t":                     # spaces separate tokens ("7 7" is two numbers, an error)
+            i += 1
+        elif text[i] in "+-*/()":
             tokens.append(text[i])
             i += 1
         elif text[i].isdigit() or text[i] == ".":
@@ -164,7 +166,8 @@ def _forecast(city: str, days: int):
     return {"city": city, "days": out}
 
 
-def _local_time(offset: int, utc_time: str):
+def _local_time(utc_offset: int, utc_time: str):
+    offset = utc_offset
     parts = utc_time.split(":")
     if len(parts) != 2 or not all(p.isdigit() and len(p) == 2 for p in parts):
         raise ToolError(f"utc_time must be HH:MM, got '{utc_time}'")

@@ -259,7 +259,11 @@ class Expert:
         if failed_in_a_row > self.max_retries:
             return format_action("The tools keep failing; I give up.", "Finish", {"return_type": "give_up_and_restart"})
         if done >= len(task.reference_chain) or (history and rng.random() < self.early_finish):
-            return format_action("I have the answer.", "Finish", {"return_type": "give_answer", "final_answer": task.answer})
+            # The answer is only as good as the calls: any wrong, skipped or missing call spoils it.
+            made = [json.loads(a.split("\nAction Input: ", 1)[1]) for a, r in history if r is not None and r.ok]
+            clean = made == [args for _, args in task.reference_chain]
+            answer = task.answer if clean else "I could not determine the answer."
+            return format_action("I have the answer.", "Finish", {"return_type": "give_answer", "final_answer": answer})
         if rng.random() < self.skip_step and done + 1 < len(task.reference_chain):
             done += 1
         tool, args = task.reference_chain[done]
