@@ -158,3 +158,58 @@ def task_with(facts):
 ])
 def test_the_answer_checker_on_tricky_cases(answer, facts, expected):
     assert check_answer(answer, task_with(facts)) == expected
+
+
+SAMPLE = os.path.join(os.path.dirname(__file__), "data", "toolbench_G2_sample.json")
+
+
+def test_toolbench_import_names_apis_as_toolbench_and_mocks_their_templates():
+    from tools import load_toolbench
+    env, tasks = load_toolbench(SAMPLE)
+    assert env.tool_names == ["get_museum_for_museum_finder", "forecast_for_sky_cast", "ping_for_empty_thing",
+                              "ping_for_empty_thing_2"]                     # snake case, clash de-duplicated
+    assert [t.group for t in tasks] == [2, 2] and tasks[0].relevant_tools == ["get_museum_for_museum_finder",
+                                                                            "forecast_for_sky_cast"]
+    schema = env.schemas(["forecast_for_sky_cast"])[0]
+    assert schema["parameters"]["required"] == ["city", "days"]
+    assert schema["parameters"]["properties"]["days"]["type"] == "number"
+    museum = env.call("get_museum_for_museum_finder", {"name": "Ravenwood"})
+    assert museum.ok and len(museum.response["exhibits"]) == 3                 # _list_length
+    assert isinstance(museum.response["exhibits"][0]["year"], int)
+    assert museum.text == env.call("get_museum_for_museum_finder", {"name": "Ravenwood"}).text
+    assert museum.text != env.call("get_museum_for_museum_finder", {"name": "Other"}).text
+    days = env.call("forecast_for_sky_cast", {"city": "R", "days": 2}).response["days"]
+    assert len(days) == 2 and isinstance(days[0]["rain"], bool)               # nested list of objects
+    assert env.call("ping_for_empty_thing", {}).response == {}                 # empty template
+    assert not env.call("get_museum_for_museum_finder", {}).ok                # still validated
+    assert check_answer("anything", tasks[0]) == UNSURE                      # no facts: cannot be judged
+
+
+@pytest.mark.parametrize("content, message", [("[{\"query\": 1}]", "entry 0 needs"), ("{\"a\": 1}", "expected a JSON list"),
+                                              ("[\n{", "not valid JSON (line 2")])
+def test_a_broken_toolbench_file_names_the_file_and_the_problem(tmp_path, content, message):
+    from tools import load_toolbench
+    path = tmp_path / "queries.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as e:
+        load_toolbench(str(path))
+    assert str(path) in str(e.value)
+
+
+def test_the_command_line_lists_samples_calls_and_solves():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "tools", *args], cwd=root, capture_output=True, text=True)
+    schemas = json.loads(run("list").stdout)
+    assert len(schemas) == len(SCHEMAS)
+    lines = run("sample", "--split", "test", "--n", "3", "--group", "2").stdout.splitlines()
+    assert len(lines) == 3 and all(json.loads(x)["group"] == 2 for x in lines)
+    assert json.loads(run("call", "calculator", '{"expression": "(2+3)*4"}').stdout)["response"]["result"] == 20.0
+    bad = run("call", "get_weather", "{bad")
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+    solved = run("solve", "--split", "test", "--n", "120").stdout
+    assert solved.count("100.0%") == 4
+    assert "museum" in run("list", "--tasks", f"toolbench:{SAMPLE}").stdout
