@@ -186,7 +186,7 @@ def test_toolbench_import_names_apis_as_toolbench_and_mocks_their_templates():
 
 
 @pytest.mark.parametrize("content, message", [("[{\"query\": 1}]", "entry 0 needs"), ("{\"a\": 1}", "expected a JSON list"),
-                                              ("[\n{", "not valid JSON (line 2")])
+                                              ("[\n{", "not valid JSON")])
 def test_a_broken_toolbench_file_names_the_file_and_the_problem(tmp_path, content, message):
     from tools import load_toolbench
     path = tmp_path / "queries.json"
