@@ -289,6 +289,10 @@ def main(cfg: Config) -> dict:
         print(f"resumed from {path} at iteration {start}")
 
     reward_fn = REWARDS[cfg.reward]
+    offline = None
+    if cfg.offline_data:                  # the authors' fixed, annotated trajectories instead of rollouts
+        from offline import load_offline
+        offline = load_offline(cfg.offline_data, tokenizer, cfg.rollout.max_total_tokens)
     autocast = dtype if dtype != torch.float32 else None
     bad_iters = 0
     for it in range(start, cfg.iters):
@@ -301,10 +305,13 @@ def main(cfg: Config) -> dict:
         env.reset(seed=cfg.seed * 1_000_003 + it)          # fault sequence, too
         model.eval()
         episodes = []
-        for i in tqdm(range(0, len(tasks), cfg.rollout_batch), desc=f"iter {it} rollout", leave=False):
+        if offline is not None:           # rewards come with the data
+            episodes = rng.sample(offline, min(cfg.episodes_per_iter, len(offline)))
+        for i in tqdm(range(0, len(tasks) if offline is None else 0, cfg.rollout_batch), desc=f"iter {it} rollout",
+                      leave=False):
             episodes += rollout(ModelPolicy(model, tokenizer, cfg.rollout, gen), tasks[i:i + cfg.rollout_batch],
                                 env, tokenizer, cfg.rollout)
-        for ep in episodes:
+        for ep in episodes if offline is None else []:
             ep.rewards = reward_fn(ep, cfg.rewards)
         t_roll = time.time() - t0
         batch = collate(episodes, tokenizer.pad_id, device)

@@ -96,3 +96,23 @@ def test_a_corrupt_model_directory_is_refused_with_one_line(tmp_path):
     result = train("--model", str(bad), "--eval-only", "--out", str(tmp_path / "out"), timeout=60)
     assert result.returncode == 2
     assert "unsupported model_type 'gpt2'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_offline_data_in_the_authors_format_trains_for_one_iteration(tmp_path, cache, smoke_run):
+    out = str(tmp_path / "offline")
+    result = train("--preset", "smoke", "--iters", "1", "--out", out, "--cache-dir", cache,
+                   "--offline-data", os.path.join("tests", "data", "offline_sample.tsv"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 rows loaded, 3 skipped" in result.stdout
+    [record] = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert record["optimizer_steps"] > 0 and record["skipped_steps"] == 0
+
+
+def test_a_toolbench_query_file_evaluates_end_to_end(tmp_path, smoke_run):
+    out, _ = smoke_run
+    result = train("--eval-only", "--model", os.path.join(out, "final"), "--out", str(tmp_path / "tb"),
+                   "--tasks", "toolbench:" + os.path.join("tests", "data", "toolbench_G2_sample.json"),
+                   "--max-steps", "2", "--max-action-tokens", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "on the 0 tasks that can be judged (2 cannot)" in result.stdout
+    assert "| model |" in result.stdout
