@@ -29,7 +29,7 @@ from tqdm import tqdm
 from model import ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained
 from ppo import pack_microbatches, token_logprobs
 from rollout import TEMPLATES, ScriptedPolicy, collate, rollout, system_prompt
-from tools import Expert, make_tasks, suite_fingerprint
+from tools import Environment, Expert, make_tasks, suite_fingerprint
 
 
 def train_tokenizer(texts, vocab_size: int, template: str) -> Tokenizer:
@@ -78,7 +78,7 @@ def _split_call(action: str):
 def sft_hash(cfg) -> str:
     """Everything the warm start depends on; a run with the same values reuses the cached SFT model."""
     keys = ["sft_seed", "template", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-            "intermediate_size", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "fault_rate"]
+            "intermediate_size", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr"]
     shape = {k: getattr(cfg.rollout, k) for k in ("template", "schema_format", "max_steps", "max_action_tokens",
                                                  "max_total_tokens", "max_obs_tokens")}   # not sampling settings
     blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, **shape, "token_budget": cfg.ppo.token_budget,
@@ -87,7 +87,9 @@ def sft_hash(cfg) -> str:
 
 
 def warm_start(cfg, env, rollout_cfg, device, dtype, log=print):
-    """Return (model, tokenizer) of the SFT warm start, training it (and caching it) if needed."""
+    """Return (model, tokenizer) of the SFT warm start, training it (and caching it) if needed. The demonstrations
+    always come from fault-free tools: a run with --fault-rate starts from the same SFT model as a clean run."""
+    env = Environment()
     cache_dir = os.path.join(cfg.cache_dir, f"sft-{sft_hash(cfg)}")
     if os.path.exists(os.path.join(cache_dir, "config.json")):
         log(f"SFT warm start: cached at {cache_dir}")
