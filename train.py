@@ -195,6 +195,15 @@ class Logger:
             f.write(json.dumps(record) + "\n")
 
 
+def resident_mb() -> float | None:
+    """Current resident memory (Linux /proc), for the soak check; None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return None
+
+
 def show_episode(ep) -> str:
     lines = [f"[task G{ep.task.group}] {ep.task.query}  (truth: {ep.task.answer})"]
     for t, (s, r) in enumerate(zip(ep.steps, ep.rewards or [None] * len(ep.steps))):
@@ -327,7 +336,7 @@ def main(cfg: Config) -> dict:
         record = {"iter": it, "return": sum(sum(ep.rewards) for ep in episodes) / len(episodes),
                   "train_pass": train_m["pass_rate"], "train_steps": train_m["avg_steps"],
                   "invalid": train_m["invalid_action_rate"], **stats,
-                  "rollout_s": t_roll, "iter_s": time.time() - t0}
+                  "rollout_s": t_roll, "iter_s": time.time() - t0, "rss_mb": resident_mb()}
         if (it + 1) % cfg.eval_every == 0 or it == cfg.iters - 1:
             model.eval()
             val, _ = evaluate(model, tokenizer, env, val_tasks, cfg.rollout, cfg.rollout_batch)

@@ -116,3 +116,13 @@ def test_a_toolbench_query_file_evaluates_end_to_end(tmp_path, smoke_run):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "on the 0 tasks that can be judged (2 cannot)" in result.stdout
     assert "| model |" in result.stdout
+
+
+def test_a_200_iteration_soak_run_does_not_grow_resident_memory(tmp_path, cache, smoke_run):
+    out = str(tmp_path / "soak")
+    result = train("--preset", "smoke", "--iters", "200", "--eval-every", "1000", "--keep-checkpoints", "1",
+                   "--out", out, "--cache-dir", cache, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rss = [json.loads(line)["rss_mb"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert len(rss) == 200
+    assert max(rss[20:]) <= 1.10 * rss[20]          # no growth beyond 10% after warm-up
