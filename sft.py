@@ -29,7 +29,7 @@ from tqdm import tqdm
 from model import ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained
 from ppo import pack_microbatches, token_logprobs
 from rollout import TEMPLATES, ScriptedPolicy, collate, rollout, system_prompt
-from tools import Environment, Expert, make_tasks, suite_fingerprint
+from tools import Environment, Expert, expert_episode, make_tasks, suite_fingerprint
 
 
 def train_tokenizer(texts, vocab_size: int, template: str) -> Tokenizer:
@@ -54,25 +54,12 @@ def train_tokenizer(texts, vocab_size: int, template: str) -> Tokenizer:
 def corpus(env, tasks, template: str, schema_format: str = "compact"):
     """The text the tokenizer learns from: prompts, expert actions and observations of the training tasks."""
     t = TEMPLATES[template]
-    expert = Expert()
     for task in tasks:
         yield t.prompt.format(system=system_prompt(env, task, schema_format), user=task.query)
-        history = []
-        while len(history) < 8:
-            action = expert.act(task, history)
+        for action, result in expert_episode(task, env):
             yield action + t.end_of_turn
-            if "Action: Finish" in action:
-                break
-            name, args = _split_call(action)
-            result = env.call(name, args)
-            history.append((action, result))
-            yield t.observation.format(observation=result.text)
-
-
-def _split_call(action: str):
-    from rollout import parse_action
-    a = parse_action(action)
-    return a.tool, a.args
+            if result is not None:
+                yield t.observation.format(observation=result.text)
 
 
 def sft_hash(cfg) -> str:
