@@ -28,6 +28,7 @@ import shutil
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model import save_pretrained
@@ -114,7 +115,7 @@ def load_state(path: str, trainable_params: dict, value_head, optimizer) -> dict
         head = load_file(os.path.join(path, "value_head.safetensors"))
         opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
         rng = load_file(os.path.join(path, "rng.safetensors"))
-    except (OSError, json.JSONDecodeError, Exception) as e:   # safetensors raises its own error types
+    except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as e:
         raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
     missing = set(trainable_params) - set(weights)
     if missing:
