@@ -2,9 +2,11 @@
 
     python -m tools list                                   the tools' OpenAI-style schemas (JSON array)
     python -m tools sample --split test --n 5 --seed 0 [--group 2]      tasks as JSON lines
-    python -m tools call TOOL 'JSON_ARGS'                  one call and its response
+    python -m tools call TOOL 'JSON_ARGS'                  one call's response text (exit 1 if it is an error)
     python -m tools solve --split test --n 500 [--fault-rate 0.3]       the scripted expert's solve rate per group
     --tasks toolbench:PATH.json on list/sample/call        use an imported ToolBench query file instead
+
+Exit status: 0 on success, 1 on a failed call or bad input (one line on stderr), 2 on a usage error (argparse).
 """
 import argparse
 import json
@@ -12,10 +14,12 @@ import sys
 from collections import defaultdict
 from dataclasses import asdict
 
-from . import SOLVED, Environment, FaultConfig, check_answer, expert_episode, final_answer_of, load_toolbench, make_tasks
+from . import (SOLVED, Environment, FaultConfig, check_answer, expert_episode, final_answer_of, load_toolbench,
+               make_tasks)
 
 
 def environment(tasks_flag: str):
+    """(Environment, imported tasks or None) for the --tasks flag."""
     if not tasks_flag:
         return Environment(), None
     kind, _, path = tasks_flag.partition(":")
@@ -24,51 +28,78 @@ def environment(tasks_flag: str):
     return load_toolbench(path)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m tools", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("list", "sample", "call", "solve"):
-        p = sub.add_parser(name)
-        p.add_argument("--tasks", default="")
+def solve(split: str, n: int, seed: int, group, fault_rate: float) -> list[str]:
+    """The scripted expert on n generated tasks: one line per group, then the total."""
+    env = Environment(faults=FaultConfig(fault_rate, seed=seed) if fault_rate else None)
+    solved, total = defaultdict(int), defaultdict(int)
+    for task in make_tasks(split, n, seed, group):
+        total[task.group] += 1
+        solved[task.group] += check_answer(final_answer_of(expert_episode(task, env)), task) == SOLVED
+    lines = [f"G{g}: {100 * solved[g] / total[g]:.1f}% of {total[g]}" for g in sorted(total)]
+    if total:
+        lines.append(f"all: {100 * sum(solved.values()) / sum(total.values()):.1f}% of {sum(total.values())}")
+    return lines
+
+
+def parser() -> argparse.ArgumentParser:
+    summary, *usage = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(prog="python -m tools", description=summary, epilog="\n\n".join(usage),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    helps = {"list": "print the tools' schemas", "sample": "print tasks as JSON lines", "call": "call one tool",
+             "solve": "run the scripted expert and print its solve rate per group"}
+    for name, text in helps.items():
+        s = sub.add_parser(name, help=text, description=text)
+        if name != "solve":
+            s.add_argument("--tasks", default="", metavar="toolbench:PATH.json",
+                           help="use the tools (and tasks) of a ToolBench query file")
         if name in ("sample", "solve"):
-            p.add_argument("--split", default="test", choices=["train", "val", "test"])
-            p.add_argument("--n", type=int, default=5 if name == "sample" else 500)
-            p.add_argument("--seed", type=int, default=0)
-            p.add_argument("--group", type=int, choices=[1, 2, 3])
+            s.add_argument("--split", default="test", choices=["train", "val", "test"])
+            s.add_argument("--n", type=int, default=5 if name == "sample" else 500, help="number of tasks")
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--group", type=int, choices=[1, 2, 3], help="only this group (default: all, uniform)")
         if name == "call":
-            p.add_argument("tool")
-            p.add_argument("args")
+            s.add_argument("tool", help="tool name, see `python -m tools list`")
+            s.add_argument("args", help='arguments as a JSON object, e.g. \'{"city": "Seljun"}\'')
         if name == "solve":
-            p.add_argument("--fault-rate", type=float, default=0.0)
-    args = parser.parse_args(argv)
+            s.add_argument("--fault-rate", type=float, default=0.0, help="probability of an injected fault per call")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     try:
+        if getattr(args, "n", 0) < 0:
+            raise ValueError(f"--n must be >= 0 (got {args.n})")
+        if not 0.0 <= getattr(args, "fault_rate", 0.0) <= 1.0:
+            raise ValueError(f"--fault-rate must be between 0 and 1 (got {args.fault_rate})")
+        if args.command == "solve":
+            print("\n".join(solve(args.split, args.n, args.seed, args.group, args.fault_rate)))
+            return 0
         env, imported = environment(args.tasks)
         if args.command == "list":
             print(json.dumps(env.schemas(), indent=1))
         elif args.command == "sample":
-            tasks = imported[:args.n] if imported is not None else make_tasks(args.split, args.n, args.seed, args.group)
+            if imported is None:
+                tasks = make_tasks(args.split, args.n, args.seed, args.group)
+            else:                                  # an imported file: its own order; --split/--seed do not apply
+                tasks = [t for t in imported if args.group in (None, t.group)][:args.n]
             for task in tasks:
-                print(json.dumps(asdict(task)))
-        elif args.command == "call":
+                print(json.dumps(asdict(task), ensure_ascii=False))
+        else:
             try:
                 call_args = json.loads(args.args)
             except json.JSONDecodeError as e:
-                raise ValueError(f"JSON_ARGS is not valid JSON: {e.msg}") from None
+                raise ValueError(f"JSON_ARGS is not valid JSON ({e.msg} at column {e.colno}): {args.args[:80]}") \
+                    from None
             result = env.call(args.tool, call_args)
             print(result.text)
-            return 0 if result.ok else 1
-        else:
-            env = Environment(faults=FaultConfig(args.fault_rate, seed=args.seed) if args.fault_rate else None)
-            solved, total = defaultdict(int), defaultdict(int)
-            for task in make_tasks(args.split, args.n, args.seed, args.group):
-                total[task.group] += 1
-                solved[task.group] += check_answer(final_answer_of(expert_episode(task, env)), task) == SOLVED
-            for g in sorted(total):
-                print(f"G{g}: {100 * solved[g] / total[g]:.1f}% of {total[g]}")
-            print(f"all: {100 * sum(solved.values()) / sum(total.values()):.1f}% of {sum(total.values())}")
-    except (ValueError, FileNotFoundError) as e:
+            if not result.ok:
+                print(f"error: {result.error}", file=sys.stderr)
+                return 1
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     return 0
 
 
