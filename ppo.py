@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from distributed import all_sum, lockstep, no_sync, world_size
+
 
 @dataclass
 class PPOConfig:
@@ -73,9 +75,11 @@ class PPOConfig:
 
 
 def masked_mean(x, mask):
-    if not mask.any():  # NOTE: host sync; only used once per batch, never per micro-batch
+    """Mean over the masked elements of the whole batch, on every data-parallel rank (all_sum: identity alone)."""
+    total, count = all_sum(torch.stack([torch.where(mask, x, 0.0).sum(), mask.sum().to(x.dtype)]))
+    if not count > 0:  # NOTE: host sync; only used once per batch, never per micro-batch
         raise ValueError("masked_mean: the mask selects no element (no action tokens or steps in the batch?)")
-    return torch.where(mask, x, 0.0).sum() / mask.sum()
+    return total / count
 
 
 def masked_whiten(x, mask, shift_mean=True):
@@ -204,7 +208,8 @@ def compute_advantages(batch, values, old_logprobs, ref_logprobs, cfg):
         rewards = authors_scaling(rewards, step_mask)
     beta = 0.0 if cfg.kl_in_loss else cfg.kl_coef
     adv, ret = ADVANTAGES[cfg.advantage](batch, values.float(), rewards, kl, beta, cfg)
-    stats = {"kl": masked_mean(kl, am), "reward": batch["step_rewards"].where(step_mask, 0.0).sum(1).mean()}
+    episode_return = batch["step_rewards"].where(step_mask, 0.0).sum(1)  # (B,)
+    stats = {"kl": masked_mean(kl, am), "reward": masked_mean(episode_return, torch.ones_like(episode_return).bool())}
     return adv, ret, stats
 
 
@@ -284,7 +289,7 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler
     old_lp, values = torch.zeros(ids.shape, device=dev), torch.zeros(ids.shape, device=dev)  # (B, T)
     ref_lp = torch.zeros(ids.shape, device=dev) if reference_logprobs_fn else None
     with torch.no_grad():
-        for idx, L in map(rows, pack_microbatches(lengths, cfg.token_budget)):
+        for idx, L in map(rows, lockstep(policy, pack_microbatches(lengths, cfg.token_budget))[0]):
             with autocast:
                 logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
                 if ref_lp is not None:
@@ -297,20 +302,23 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler
     old_v, vmask = state_values(values), value_mask(batch, cfg)
 
     # (3) epochs × shuffled mini-batches (one optimizer step each) × micro-batches (gradient accumulation)
-    gen = generator or torch.Generator().manual_seed(cfg.seed)
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # Data parallel (distributed.py): this rank holds B/N episodes. Token counts are summed over ranks and the loss
+    # is multiplied by N because DDP/FSDP average gradients: N ranks then take exactly the step one rank would.
+    gen, world = generator or torch.Generator().manual_seed(cfg.seed), world_size()
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # what is stepped (FSDP: the shards)
     sums, step, n_steps, skipped, real, padded = {}, {}, 0, 0, 0, 0
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(len(lengths), generator=gen, device=gen.device).tolist()
         for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, len(perm)))]:
             mini_idx = torch.tensor(mini, device=dev)
-            n_tok, n_val = am[mini_idx].sum().clamp(min=1), vmask[mini_idx].sum().clamp(min=1)  # contract 4
+            n_tok, n_val = all_sum(torch.stack([am[mini_idx].sum(), vmask[mini_idx].sum()])).clamp(min=1)  # contract 4
             micro = [[mini[j] for j in g] for g in pack_microbatches([lengths[i] for i in mini], cfg.token_budget)]
             real, padded = real + sum(lengths[i] for i in mini), padded + sum(len(g) * rows(g)[1] for g in micro)
+            micro, n_real = lockstep(policy, micro)  # FSDP: as many forwards as the busiest rank; extras weigh 0
             step = {"loss": 0.0}
             for j, (idx, L) in enumerate(map(rows, micro)):
-                last = j == len(micro) - 1 or not hasattr(policy, "no_sync")
-                with nullcontext() if last else policy.no_sync():  # DDP: all-reduce on the last micro-batch only
+                last, weight = j == len(micro) - 1, world if j < n_real else 0.0
+                with nullcontext() if last else no_sync(policy):  # gradients cross ranks once per optimizer step
                     with autocast:
                         logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
                     new_lp, ent = token_logprobs(logits / cfg.temperature, ids[idx, :L], True,
@@ -318,13 +326,16 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler
                     loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v.float()),
                                         old_v[idx, :L], ret[idx, :L], ent, am[idx, :L], cfg, n_tok,
                                         vmask[idx, :L], n_val, None if ref_lp is None else ref_lp[idx, :L])
-                    (scaler.scale(loss) if scaler else loss).backward()
-                for k, x in (st | {"loss": loss.detach()}).items():
+                    (scaler.scale(loss * weight) if scaler else loss * weight).backward()
+                for k, x in (st | {"loss": loss.detach()}).items() if j < n_real else ():
                     step[k] = step.get(k, 0.0) + x
+            step = dict(zip(step, all_sum(torch.stack([torch.as_tensor(x, device=dev) for x in step.values()]))))
             if scaler:
                 scaler.unscale_(optimizer)
-            step["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            # Numerical guard, the one host sync per optimizer step: never apply a non-finite update.
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # global norm, before clipping
+            step["grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+            # Numerical guard, the one host sync per optimizer step: never apply a non-finite update. The loss and
+            # the norm are global, so every rank takes the same decision.
             if bool(torch.isfinite(step["grad_norm"]) & torch.isfinite(step["loss"])):
                 scaler.step(optimizer) if scaler else optimizer.step()
                 sums = {k: sums.get(k, 0.0) + x for k, x in step.items()}
