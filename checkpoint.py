@@ -9,7 +9,7 @@ A checkpoint is a directory `ckpt-000042/` holding
     model/                      the policy in the Hugging Face layout (LoRA merged: loads anywhere)
     trainable.safetensors       the trainable weights as they are (LoRA adapters unmerged, or the whole model)
     value_head.safetensors      the critic
-    optimizer.safetensors       optimizer tensors; its non-tensor state goes to state.json
+    optimizer.safetensors       optimizer tensors ("state.<param index or name>.<exp_avg ...>"); the rest in state.json
     rng.safetensors             torch RNG state (a uint8 tensor)
     state.json                  iteration, config, metrics so far, optimizer param groups, Python/NumPy RNG states
 Guarantees:
@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import save_pretrained
+from model import save_pretrained, strip_prefix
 
 _NAME = re.compile(r"^ckpt-(\d{6})$")
 
@@ -53,8 +53,9 @@ def _save_tensors(tensors: dict, path: str):
         os.fsync(f.fileno())
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict, dict]:
+    """An optimizer state dict -> (tensors "state.<param>.<name>", JSON). <param> is the parameter's index, or its
+    name when the state was gathered from FSDP shards."""
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for k, v in state.items():
@@ -66,16 +67,24 @@ def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
 
 
 def save(run_dir: str, iteration: int, model, tokenizer, value_head, optimizer, config: dict, metrics: list,
-         trainable: dict, keep: int = 3, extra: dict | None = None) -> str:
-    """Write checkpoint `iteration` atomically and keep only the newest `keep` checkpoints."""
+         trainable: dict, keep: int = 3, extra: dict | None = None, full: tuple | None = None) -> str:
+    """Write checkpoint `iteration` atomically and keep only the newest `keep` checkpoints. `full`: (policy state,
+    optimizer state) gathered from FSDP shards (distributed.full_state), used instead of the sharded modules."""
+    if full is not None:
+        policy_state, optimizer_state = full
+        trainable = {n: policy_state[n] for n in trainable}
+        head_state = strip_prefix(policy_state, "value_head.")
+    else:
+        policy_state, optimizer_state, head_state = None, optimizer.state_dict(), dict(value_head.state_dict())
     final = os.path.join(run_dir, f"ckpt-{iteration:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_pretrained(model, tokenizer, os.path.join(tmp, "model"))
+    save_pretrained(model, tokenizer, os.path.join(tmp, "model"),
+                    state=policy_state and strip_prefix(policy_state, "model."))
     _save_tensors(trainable, os.path.join(tmp, "trainable.safetensors"))
-    _save_tensors(dict(value_head.state_dict()), os.path.join(tmp, "value_head.safetensors"))
-    opt_tensors, opt_json = _optimizer_tensors(optimizer)
+    _save_tensors(head_state, os.path.join(tmp, "value_head.safetensors"))
+    opt_tensors, opt_json = _optimizer_tensors(optimizer_state)
     _save_tensors(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
     _save_tensors({"torch": torch.get_rng_state()}, os.path.join(tmp, "rng.safetensors"))
     np_state = np.random.get_state()
@@ -106,14 +115,14 @@ def latest(run_dir: str) -> str | None:
     return os.path.join(run_dir, f"ckpt-{found[-1]:06d}") if found else None
 
 
-def load_state(path: str, trainable_params: dict, value_head, optimizer) -> dict:
-    """Restore weights, optimizer and RNG states in place; return state.json (iteration, metrics, ...)."""
+def load_state(path: str, trainable_params: dict, value_head) -> dict:
+    """Restore weights and RNG states in place; return state.json (iteration, metrics, optimizer state ...). Call it
+    before the model is wrapped (DDP, FSDP), then `load_optimizer` once the optimizer exists."""
     try:
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
         weights = load_file(os.path.join(path, "trainable.safetensors"))
         head = load_file(os.path.join(path, "value_head.safetensors"))
-        opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
         rng = load_file(os.path.join(path, "rng.safetensors"))
     except (OSError, json.JSONDecodeError, KeyError, SafetensorError) as e:
         raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
@@ -124,14 +133,27 @@ def load_state(path: str, trainable_params: dict, value_head, optimizer) -> dict
         for name, p in trainable_params.items():
             p.copy_(weights[name])
     value_head.load_state_dict(head)
-    sd = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
-    for key, v in list(opt_tensors.items()) + list(state["optimizer"]["scalars"].items()):
-        _, idx, name = key.split(".", 2)
-        sd["state"].setdefault(int(idx), {})[name] = v
-    optimizer.load_state_dict(sd)
     torch.set_rng_state(rng["torch"])
     py = state["python_rng"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     np_state = state["numpy_rng"]
     np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
     return state
+
+
+def load_optimizer(path: str, optimizer, state: dict, policy=None):
+    """Restore the optimizer of `load_state`'s checkpoint. Index-keyed state (one process, DDP) loads directly;
+    name-keyed state (gathered from FSDP shards) is scattered back to this rank's shards through `policy`."""
+    try:
+        opt_tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
+    sd = {"state": {}, "param_groups": state["optimizer"]["param_groups"]}
+    for key, v in list(opt_tensors.items()) + list(state["optimizer"]["scalars"].items()):
+        param, name = key.removeprefix("state.").rsplit(".", 1)
+        sd["state"].setdefault(int(param) if param.isdigit() else param, {})[name] = v
+    if all(isinstance(k, int) for k in sd["state"]):
+        optimizer.load_state_dict(sd)
+    else:
+        from distributed import load_full_optimizer_state
+        load_full_optimizer_state(policy, optimizer, sd)

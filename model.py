@@ -578,20 +578,28 @@ def load_pretrained(path, device="cpu", dtype=torch.float32):
     return model.eval(), tokenizer
 
 
-def _merged_state(model) -> dict:
-    """The model's weights with every LoRA delta folded in, without changing the model. Tied lm_head dropped."""
-    state = {k: v for k, v in model.state_dict().items() if ".lora_" not in k}
+def strip_prefix(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _merged_state(model, state=None) -> dict:
+    """The model's weights (or `state`, the same keys gathered elsewhere, e.g. from FSDP shards) with every LoRA delta
+    folded in, without changing the model. Tied lm_head dropped."""
+    full = model.state_dict() if state is None else state
+    state = {k: v for k, v in full.items() if ".lora_" not in k}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not m.merged:
-            state[name + ".weight"] = m.weight + m.delta()
+        if isinstance(m, LoRALinear) and not m.merged:     # W + ΔW, ΔW = (α/r) B A
+            weight, lora_A, lora_B = (full[f"{name}.{k}"] for k in ("weight", "lora_A", "lora_B"))
+            state[name + ".weight"] = weight + (lora_B @ lora_A) * m.scale
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight")
+        state.pop("lm_head.weight", None)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_pretrained(model, tokenizer, path, adapter_only=False):
+def save_pretrained(model, tokenizer, path, adapter_only=False, state=None):
     """Write an HF checkpoint directory (LoRA merged into the weights), or with adapter_only the PEFT-style
-    adapter_model.safetensors + adapter_config.json."""
+    adapter_model.safetensors + adapter_config.json. `state`: the model's full state dict when the model's own
+    parameters are shards (FSDP)."""
     os.makedirs(path, exist_ok=True)
     if adapter_only:
         loras = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -605,7 +613,7 @@ def save_pretrained(model, tokenizer, path, adapter_only=False):
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": m0.r, "lora_alpha": m0.alpha,
             "lora_dropout": m0.dropout.p, "bias": "none", "target_modules": sorted({n.split(".")[-1] for n in loras})})
         return
-    tensors = _merged_state(model)
+    tensors = _merged_state(model, state)
     _atomic(os.path.join(path, "model.safetensors"), lambda t: save_file(tensors, t, {"format": "pt"}))
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     _write_json(os.path.join(path, "config.json"), {**model.config.to_hf(), "dtype": dtype})

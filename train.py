@@ -32,7 +32,8 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
-from model import PolicyWithValue, ValueHead, add_lora, load_pretrained, lora_disabled, lora_state_dict, save_pretrained
+import distributed
+from model import PolicyWithValue, ValueHead, add_lora, load_pretrained, lora_disabled, save_pretrained, strip_prefix
 from ppo import PPOConfig, ppo_update, token_logprobs
 from rewards import REWARDS, RewardConfig
 from rollout import ModelPolicy, RolloutConfig, collate, episode_metrics, evaluate, rollout
@@ -98,6 +99,8 @@ class Config:
     the shared critic's gradient degraded the policy (README, "Results"); TRL's default shares the trunk."""
     max_bad_iters: int = 3
     """Stop after this many consecutive iterations whose every optimizer step was non-finite (and skipped)."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard) instead of DDP."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -226,16 +229,21 @@ def results_table(rows: dict) -> str:
 
 
 def main(cfg: Config) -> dict:
+    # --- processes: one, or N under torchrun (distributed.py: who does what); only rank 0 prints and writes files
+    d, device = distributed.init(cfg.device, cfg.fsdp)
+    say = print if d.main else (lambda *args, **kwargs: None)
+    if cfg.episodes_per_iter % d.world or cfg.rollout_batch < 1:
+        raise ValueError(f"--episodes-per-iter {cfg.episodes_per_iter} must divide evenly over {d.world} ranks")
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    device = torch.device(cfg.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    print(json.dumps(asdict(cfg), indent=1))
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:
-        json.dump(asdict(cfg), f, indent=1)
-    log = Logger(cfg.out)
+    say(json.dumps(asdict(cfg), indent=1))
+    if d.main:
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+    log = Logger(cfg.out) if d.main else (lambda record: None)
 
     # --- tools and tasks: the same task suite for every seed, so methods and seeds are compared on the same split
     faults = FaultConfig(rate=cfg.fault_rate, seed=cfg.seed) if cfg.fault_rate > 0 else None
@@ -249,36 +257,43 @@ def main(cfg: Config) -> dict:
         model, tokenizer = load_pretrained(cfg.model, device=device)
     else:
         from sft import warm_start
-        model, tokenizer = warm_start(cfg, env, cfg.rollout, device, torch.float32)
+        if not d.main:                    # rank 0 trains and caches it while the others wait; then they load it
+            distributed.barrier(d)
+        model, tokenizer = warm_start(cfg, env, cfg.rollout, device, torch.float32, log=say)
+        if d.main:
+            distributed.barrier(d)
     use_lora = cfg.lora == "on" or (cfg.lora == "auto" and bool(cfg.model))
     if use_lora:
         add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
-    if cfg.eval_only:
-        if cfg.tasks:                     # another task file through the tools' import (mocked APIs)
-            kind, _, path = cfg.tasks.partition(":")
-            if kind != "toolbench" or not path:
-                raise ValueError(f"--tasks must be toolbench:PATH.json (got {cfg.tasks!r})")
-            env, test_tasks = load_toolbench(path)
-        metrics, episodes = evaluate(model, tokenizer, env, test_tasks, cfg.rollout, cfg.rollout_batch, progress=True)
-        judged = [ep for ep in episodes if ep.task.facts]        # tasks whose answer can be checked
-        passed = sum(ep.solved == 1.0 for ep in judged) / len(judged) if judged else None
-        print(results_table({"model": metrics}))
-        print(f"pass rate {passed if passed is None else round(passed, 3)} on the {len(judged)} tasks that can be "
-              f"judged ({len(episodes) - len(judged)} cannot); recall of relevant APIs "
-              f"{metrics['all']['recall']:.3f} on all {len(episodes)}")
-        return {"test": metrics, "judged_pass_rate": passed, "judged": len(judged),
-                "unjudged": len(episodes) - len(judged)}
-    sft_val, _ = evaluate(model, tokenizer, env, val_tasks, cfg.rollout, cfg.rollout_batch, progress=True)
-    sft_test, _ = evaluate(model, tokenizer, env, test_tasks, cfg.rollout, cfg.rollout_batch, progress=True)
-    print(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
 
-    # --- policy + critic (one module, one forward) and the reference policy
+    def evaluate_all(tasks, progress=False):
+        """Greedy evaluation, each rank on its share of the tasks; every rank gets the metrics of all of them."""
+        with distributed.gathered(model, d):
+            _, episodes = evaluate(model, tokenizer, env, distributed.shard(tasks, d), cfg.rollout, cfg.rollout_batch,
+                                   progress=progress and d.main)
+        episodes = distributed.gather(episodes, d)
+        return episode_metrics(episodes), episodes
+
+    # --- policy + critic (one module, one forward) and the reference policy; resumed weights go in before sharding
     value_head = ValueHead(model.config.hidden_size).to(device)
     policy = PolicyWithValue(model, value_head, detach_critic=cfg.detach_critic)
     if use_lora:
         reference = None                   # the base model with LoRA switched off: no second copy in memory
     else:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
+    history, start, state, resume_from = [], 0, None, cfg.resume and checkpoint.latest(cfg.out)
+    if resume_from:
+        state = checkpoint.load_state(resume_from, {n: p for n, p in policy.named_parameters()
+                                                    if p.requires_grad and not n.startswith("value_head.")}, value_head)
+        history, start = state["metrics"], state["iteration"] + 1
+    trained = distributed.wrap(policy, d, device)   # policy, DDP(policy), or policy sharded in place by FSDP
+    if reference is not None:
+        distributed.shard_reference(reference, d)
+    trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=0.0)
+    if resume_from:
+        checkpoint.load_optimizer(resume_from, optimizer, state, policy)
+        say(f"resumed from {resume_from} at iteration {start}")
 
     def reference_logprobs(input_ids, attention_mask):
         if reference is None:
@@ -288,14 +303,36 @@ def main(cfg: Config) -> dict:
             logits = reference(input_ids, attention_mask=attention_mask)
         return token_logprobs(logits / cfg.ppo.temperature, input_ids)                   # (B, T)
 
-    trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=0.0)
-    history, start = [], 0
-    if cfg.resume and (path := checkpoint.latest(cfg.out)):
-        state = checkpoint.load_state(path, {n: p for n, p in trainable.items() if not n.startswith("value_head.")},
-                                      value_head, optimizer)
-        history, start = state["metrics"], state["iteration"] + 1
-        print(f"resumed from {path} at iteration {start}")
+    def save(path=None, iteration=None):
+        """The final model (path) or a checkpoint (iteration). With FSDP every rank gathers; rank 0 writes."""
+        full = distributed.full_state(policy, optimizer, d) if d.fsdp and d.world > 1 else None
+        if not d.main:
+            return
+        if path:
+            save_pretrained(model, tokenizer, path, state=full and strip_prefix(full[0], "model."))
+        else:
+            checkpoint.save(cfg.out, iteration, model, tokenizer, value_head, optimizer, asdict(cfg), history,
+                            {n: p for n, p in trainable.items() if not n.startswith("value_head.")},
+                            cfg.keep_checkpoints, full=full)
+
+    if cfg.eval_only:
+        if cfg.tasks:                     # another task file through the tools' import (mocked APIs)
+            kind, _, path = cfg.tasks.partition(":")
+            if kind != "toolbench" or not path:
+                raise ValueError(f"--tasks must be toolbench:PATH.json (got {cfg.tasks!r})")
+            env, test_tasks = load_toolbench(path)
+        metrics, episodes = evaluate_all(test_tasks, progress=True)
+        judged = [ep for ep in episodes if ep.task.facts]        # tasks whose answer can be checked
+        passed = sum(ep.solved == 1.0 for ep in judged) / len(judged) if judged else None
+        say(results_table({"model": metrics}))
+        say(f"pass rate {passed if passed is None else round(passed, 3)} on the {len(judged)} tasks that can be "
+            f"judged ({len(episodes) - len(judged)} cannot); recall of relevant APIs "
+            f"{metrics['all']['recall']:.3f} on all {len(episodes)}")
+        return {"test": metrics, "judged_pass_rate": passed, "judged": len(judged),
+                "unjudged": len(episodes) - len(judged)}
+    sft_val, _ = evaluate_all(val_tasks, progress=True)
+    sft_test, _ = evaluate_all(test_tasks, progress=True)
+    say(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
 
     reward_fn = REWARDS[cfg.reward]
     offline = None
@@ -306,60 +343,65 @@ def main(cfg: Config) -> dict:
     bad_iters = 0
     for it in range(start, cfg.iters):
         t0 = time.time()
-        # Everything random in an iteration derives from (seed, it): resuming at `it` replays it exactly.
-        torch.manual_seed(cfg.seed * 1_000_003 + it)
-        rng = random.Random(cfg.seed * 1_000_003 + it)
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + it)
-        tasks = rng.sample(train_tasks, cfg.episodes_per_iter)
-        env.reset(seed=cfg.seed * 1_000_003 + it)          # fault sequence, too
+        # Everything random in an iteration derives from (seed, it) (and the rank): resuming at `it` replays it
+        # exactly. The task sample is shared; each rank rolls out its share with its own generator and faults.
+        base = cfg.seed * 1_000_003 + it
+        torch.manual_seed(base)
+        rng = random.Random(base)
+        gen = torch.Generator(device=device).manual_seed(base + 7_919 * d.rank)
+        tasks = distributed.shard(rng.sample(train_tasks, cfg.episodes_per_iter), d)
+        env.reset(seed=base + 7_919 * d.rank)          # fault sequence, too
         model.eval()
         episodes = []
         if offline is not None:           # rewards come with the data
-            episodes = rng.sample(offline, min(cfg.episodes_per_iter, len(offline)))
-        for i in tqdm(range(0, len(tasks) if offline is None else 0, cfg.rollout_batch), desc=f"iter {it} rollout",
-                      leave=False):
-            episodes += rollout(ModelPolicy(model, tokenizer, cfg.rollout, gen), tasks[i:i + cfg.rollout_batch],
-                                env, tokenizer, cfg.rollout)
+            episodes = distributed.shard(rng.sample(offline, min(cfg.episodes_per_iter, len(offline))), d)
+        with distributed.gathered(model, d):
+            for i in tqdm(range(0, len(tasks) if offline is None else 0, cfg.rollout_batch),
+                          desc=f"iter {it} rollout", leave=False, disable=not d.main):
+                episodes += rollout(ModelPolicy(model, tokenizer, cfg.rollout, gen), tasks[i:i + cfg.rollout_batch],
+                                    env, tokenizer, cfg.rollout)
         for ep in episodes if offline is None else []:
             ep.rewards = reward_fn(ep, cfg.rewards)
         t_roll = time.time() - t0
         batch = collate(episodes, tokenizer.pad_id, device)
         model.train()
-        stats = ppo_update(policy, optimizer, batch, cfg.ppo, reference_logprobs_fn=reference_logprobs,
+        stats = ppo_update(trained, optimizer, batch, cfg.ppo, reference_logprobs_fn=reference_logprobs,
                            autocast_dtype=autocast, device_type=device.type, generator=gen)
         # Numerical guard (ppo.py skips any non-finite step); a run that only produces them stops here.
         bad_iters = bad_iters + 1 if stats["skipped_steps"] == stats["optimizer_steps"] else 0
         if bad_iters >= cfg.max_bad_iters:
             raise RuntimeError(f"iteration {it}: every update of the last {bad_iters} iterations was non-finite "
                                f"(loss or gradient); lower --lr or check the data. Last checkpoint is intact.")
+        episodes = distributed.gather(episodes, d)       # every rank's episodes, for the metrics
         train_m = episode_metrics(episodes)["all"]
         record = {"iter": it, "return": sum(sum(ep.rewards) for ep in episodes) / len(episodes),
                   "train_pass": train_m["pass_rate"], "train_steps": train_m["avg_steps"],
                   "invalid": train_m["invalid_action_rate"], **stats,
-                  "rollout_s": t_roll, "iter_s": time.time() - t0, "rss_mb": resident_mb()}
+                  "rollout_s": distributed.max_over_ranks(t_roll, d), "rss_mb": resident_mb()}
         if (it + 1) % cfg.eval_every == 0 or it == cfg.iters - 1:
             model.eval()
-            val, _ = evaluate(model, tokenizer, env, val_tasks, cfg.rollout, cfg.rollout_batch)
+            val, _ = evaluate_all(val_tasks)
             record["val_pass"], record["val_recall"] = val["all"]["pass_rate"], val["all"]["recall"]
+        record["iter_s"] = distributed.max_over_ranks(time.time() - t0, d)
         history.append(record)
         log(record)
-        print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        say(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
         if it % max(1, cfg.eval_every) == 0:
-            print(show_episode(episodes[0]))
-        checkpoint.save(cfg.out, it, model, tokenizer, value_head, optimizer, asdict(cfg), history,
-                        {n: p for n, p in trainable.items() if not n.startswith("value_head.")}, cfg.keep_checkpoints)
+            say(show_episode(episodes[0]))
+        save(iteration=it)
 
     model.eval()
-    final_test, _ = evaluate(model, tokenizer, env, test_tasks, cfg.rollout, cfg.rollout_batch, progress=True)
-    save_pretrained(model, tokenizer, os.path.join(cfg.out, "final"))
+    final_test, _ = evaluate_all(test_tasks, progress=True)
+    save(path=os.path.join(cfg.out, "final"))
     name = "StepTool" if cfg.reward == "step" else "PPO (final reward)"
     table = results_table({"SFT": sft_test, name: final_test})
-    print("\nTest split (pass rate = Solved fraction; recall = relevant tools called)\n" + table)
+    say("\nTest split (pass rate = Solved fraction; recall = relevant tools called)\n" + table)
     result = {"sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history}
-    with open(os.path.join(cfg.out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(cfg.out, "results.md"), "w") as f:
-        f.write(table + "\n")
+    if d.main:
+        with open(os.path.join(cfg.out, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        with open(os.path.join(cfg.out, "results.md"), "w") as f:
+            f.write(table + "\n")
     return result
 
 
@@ -369,3 +411,5 @@ if __name__ == "__main__":
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        distributed.shutdown()
