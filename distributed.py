@@ -170,8 +170,9 @@ def gathered(model, d: Dist):
         yield model
         return
     mods = _fsdp_modules(model)
-    for m in mods:
-        m.set_reshard_after_forward(False)
+    for m in mods:                  # gather now, on every rank, so a rank with nothing to generate cannot stall the
+        m.set_reshard_after_forward(False)          # others' first forward
+        m.unshard()
     try:
         yield model
     finally:

@@ -361,12 +361,13 @@ def episode_metrics(episodes: list[Episode]) -> dict:
     def summarise(eps):
         steps = [s for ep in eps for s in ep.steps]
         scores = [ep.solved for ep in eps]
+        n = max(len(eps), 1)                         # no episodes (a rank's empty share): zeros, not a crash
         return {
             "n": len(eps),
-            "pass_rate": sum(s == SOLVED for s in scores) / len(eps),
-            "unsure_rate": sum(s == 0.5 for s in scores) / len(eps),
-            "recall": sum(relevant_tool_recall([s.tool for s in ep.steps if s.tool], ep.task) for ep in eps) / len(eps),
-            "avg_steps": len(steps) / len(eps),
+            "pass_rate": sum(s == SOLVED for s in scores) / n,
+            "unsure_rate": sum(s == 0.5 for s in scores) / n,
+            "recall": sum(relevant_tool_recall([s.tool for s in ep.steps if s.tool], ep.task) for ep in eps) / n,
+            "avg_steps": len(steps) / n,
             "invalid_action_rate": sum(s.result is None and bool(s.error) or getattr(s.result, "invalid", False)
                                        for s in steps) / max(len(steps), 1),
         }
