@@ -18,12 +18,15 @@ Deviations from the paper (numbered; the paper's own values are in ../shared/PAP
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
+import inspect
 import json
 import os
 import random
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -133,20 +136,32 @@ def _set(cfg, path, name, value):
     setattr(cfg, name, value)
 
 
+def _docstrings(cls) -> dict:
+    """field name -> the string literal under it in the class body (the help text of its flag)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
 def parse_config(argv=None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    seen = set()
+    seen, docs = set(), {}
+    for cls in (Config, RolloutConfig, RewardConfig, PPOConfig):
+        docs.update({(cls, k): v for k, v in _docstrings(cls).items()})
     for path, f in _fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if flag in seen:              # a name shared by two configs (seed) is one flag that sets both
             continue
         seen.add(flag)
+        owner = {(): Config, ("rollout",): RolloutConfig, ("rewards",): RewardConfig, ("ppo",): PPOConfig}[path]
+        default = PRESETS["default"].get(f.name, f.default)
+        text = f"{docs.get((owner, f.name), '')} (default: {default})".strip().replace("%", "%%")
         if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__)
-            parser.add_argument(flag, type=kind, default=None)
+            parser.add_argument(flag, type=kind, default=None, help=text)
     args = vars(parser.parse_args(argv))
     cfg = Config()
     preset = args.get("preset") or "default"
@@ -232,6 +247,8 @@ def main(cfg: Config) -> dict:
     # --- processes: one, or N under torchrun (distributed.py: who does what); only rank 0 prints and writes files
     d, device = distributed.init(cfg.device, cfg.fsdp)
     say = print if d.main else (lambda *args, **kwargs: None)
+    if cfg.fsdp and d.world == 1:
+        say("note: --fsdp shards over torchrun processes; with one process the model is not sharded")
     if cfg.episodes_per_iter % d.world or cfg.rollout_batch < 1:
         raise ValueError(f"--episodes-per-iter {cfg.episodes_per_iter} must divide evenly over {d.world} ranks")
     os.makedirs(cfg.out, exist_ok=True)
