@@ -186,6 +186,7 @@ def validate(cfg: Config):
         (0 <= cfg.ppo.lam <= 1, f"--lam must be in [0, 1] (got {cfg.ppo.lam})"),
         (cfg.ppo.kl_coef >= 0, f"--kl-coef must be >= 0 (got {cfg.ppo.kl_coef})"),
         (cfg.episodes_per_iter > 0, f"--episodes-per-iter must be > 0 (got {cfg.episodes_per_iter})"),
+        (cfg.rollout_batch > 0, f"--rollout-batch must be > 0 (got {cfg.rollout_batch})"),
         (cfg.iters >= 0, f"--iters must be >= 0 (got {cfg.iters})"),
         (cfg.rewards.alpha >= 0, f"--alpha must be >= 0 (got {cfg.rewards.alpha})"),
         (0 <= cfg.fault_rate <= 1, f"--fault-rate must be in [0, 1] (got {cfg.fault_rate})"),
@@ -249,7 +250,7 @@ def main(cfg: Config) -> dict:
     say = print if d.main else (lambda *args, **kwargs: None)
     if cfg.fsdp and d.world == 1:
         say("note: --fsdp shards over torchrun processes; with one process the model is not sharded")
-    if cfg.episodes_per_iter % d.world or cfg.rollout_batch < 1:
+    if cfg.episodes_per_iter % d.world:
         raise ValueError(f"--episodes-per-iter {cfg.episodes_per_iter} must divide evenly over {d.world} ranks")
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -291,6 +292,25 @@ def main(cfg: Config) -> dict:
         episodes = distributed.gather(episodes, d)
         return episode_metrics(episodes), episodes
 
+    if cfg.eval_only:
+        if cfg.tasks:                     # another task file through the tools' import (mocked APIs)
+            kind, _, path = cfg.tasks.partition(":")
+            if kind != "toolbench" or not path:
+                raise ValueError(f"--tasks must be toolbench:PATH.json (got {cfg.tasks!r})")
+            env, test_tasks = load_toolbench(path)
+        metrics, episodes = evaluate_all(test_tasks, progress=True)
+        judged = [ep for ep in episodes if ep.task.facts]        # tasks whose answer can be checked
+        passed = sum(ep.solved == 1.0 for ep in judged) / len(judged) if judged else None
+        say(results_table({"model": metrics}))
+        say(f"pass rate {passed if passed is None else round(passed, 3)} on the {len(judged)} tasks that can be "
+            f"judged ({len(episodes) - len(judged)} cannot); recall of relevant APIs "
+            f"{metrics['all']['recall']:.3f} on all {len(episodes)}")
+        return {"test": metrics, "judged_pass_rate": passed, "judged": len(judged),
+                "unjudged": len(episodes) - len(judged)}
+    sft_val, _ = evaluate_all(val_tasks, progress=True)
+    sft_test, _ = evaluate_all(test_tasks, progress=True)
+    say(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
+
     # --- policy + critic (one module, one forward) and the reference policy; resumed weights go in before sharding
     value_head = ValueHead(model.config.hidden_size).to(device)
     policy = PolicyWithValue(model, value_head, detach_critic=cfg.detach_critic)
@@ -331,25 +351,6 @@ def main(cfg: Config) -> dict:
             checkpoint.save(cfg.out, iteration, model, tokenizer, value_head, optimizer, asdict(cfg), history,
                             {n: p for n, p in trainable.items() if not n.startswith("value_head.")},
                             cfg.keep_checkpoints, full=full)
-
-    if cfg.eval_only:
-        if cfg.tasks:                     # another task file through the tools' import (mocked APIs)
-            kind, _, path = cfg.tasks.partition(":")
-            if kind != "toolbench" or not path:
-                raise ValueError(f"--tasks must be toolbench:PATH.json (got {cfg.tasks!r})")
-            env, test_tasks = load_toolbench(path)
-        metrics, episodes = evaluate_all(test_tasks, progress=True)
-        judged = [ep for ep in episodes if ep.task.facts]        # tasks whose answer can be checked
-        passed = sum(ep.solved == 1.0 for ep in judged) / len(judged) if judged else None
-        say(results_table({"model": metrics}))
-        say(f"pass rate {passed if passed is None else round(passed, 3)} on the {len(judged)} tasks that can be "
-            f"judged ({len(episodes) - len(judged)} cannot); recall of relevant APIs "
-            f"{metrics['all']['recall']:.3f} on all {len(episodes)}")
-        return {"test": metrics, "judged_pass_rate": passed, "judged": len(judged),
-                "unjudged": len(episodes) - len(judged)}
-    sft_val, _ = evaluate_all(val_tasks, progress=True)
-    sft_test, _ = evaluate_all(test_tasks, progress=True)
-    say(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
 
     reward_fn = REWARDS[cfg.reward]
     offline = None

@@ -73,6 +73,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights_and_metri
     strip = lambda h: [{k: v for k, v in r.items() if not k.endswith("_s") and k not in timing} for r in h]  # noqa
     assert strip(ra["history"]) == strip(rb["history"])
     assert ra["test"] == rb["test"]
+    assert ra["sft_test"] == rb["sft_test"]             # the baseline row is the SFT model's, not the resumed one's
 
 
 @pytest.mark.parametrize("flags, message", [
