@@ -356,12 +356,16 @@ def collate(episodes: list[Episode], pad_id: int, device="cpu") -> dict:
 
 
 def episode_metrics(episodes: list[Episode]) -> dict:
-    """Pass rate (Solved), Unsure rate, recall of relevant tools, average steps, invalid-action rate;
-    per difficulty group and overall."""
+    """Pass rate (Solved), Unsure rate, recall of relevant tools, average steps, invalid-action rate, and under
+    injected faults how often a call hit one and how often the model retried the same call next; per difficulty
+    group and overall."""
     def summarise(eps):
         steps = [s for ep in eps for s in ep.steps]
         scores = [ep.solved for ep in eps]
         n = max(len(eps), 1)                         # no episodes (a rank's empty share): zeros, not a crash
+        faulted = [(s, nxt) for ep in eps for s, nxt in zip(ep.steps, ep.steps[1:] + [None])
+                   if getattr(s.result, "fault", "")]
+        calls = sum(s.result is not None for s in steps)
         return {
             "n": len(eps),
             "pass_rate": sum(s == SOLVED for s in scores) / n,
@@ -370,6 +374,9 @@ def episode_metrics(episodes: list[Episode]) -> dict:
             "avg_steps": len(steps) / n,
             "invalid_action_rate": sum(s.result is None and bool(s.error) or getattr(s.result, "invalid", False)
                                        for s in steps) / max(len(steps), 1),
+            "fault_rate": len(faulted) / max(calls, 1),
+            "retry_after_fault": sum(nxt is not None and (nxt.tool, nxt.args) == (s.tool, s.args)
+                                     for s, nxt in faulted) / max(len(faulted), 1),
         }
     groups = sorted({ep.task.group for ep in episodes})
     out = {f"G{g}": summarise([ep for ep in episodes if ep.task.group == g]) for g in groups}

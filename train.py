@@ -304,7 +304,8 @@ def main(cfg: Config) -> dict:
         say(results_table({"model": metrics}))
         say(f"pass rate {passed if passed is None else round(passed, 3)} on the {len(judged)} tasks that can be "
             f"judged ({len(episodes) - len(judged)} cannot); recall of relevant APIs "
-            f"{metrics['all']['recall']:.3f} on all {len(episodes)}")
+            f"{metrics['all']['recall']:.3f} on all {len(episodes)}; {metrics['all']['fault_rate']:.1%} of calls "
+            f"hit a fault, {metrics['all']['retry_after_fault']:.1%} of those were retried")
         return {"test": metrics, "judged_pass_rate": passed, "judged": len(judged),
                 "unjudged": len(episodes) - len(judged)}
     sft_val, _ = evaluate_all(val_tasks, progress=True)
@@ -394,7 +395,7 @@ def main(cfg: Config) -> dict:
         train_m = episode_metrics(episodes)["all"]
         record = {"iter": it, "return": sum(sum(ep.rewards) for ep in episodes) / len(episodes),
                   "train_pass": train_m["pass_rate"], "train_steps": train_m["avg_steps"],
-                  "invalid": train_m["invalid_action_rate"], **stats,
+                  "invalid": train_m["invalid_action_rate"], "retry_after_fault": train_m["retry_after_fault"], **stats,
                   "rollout_s": distributed.max_over_ranks(t_roll, d), "rss_mb": resident_mb()}
         if (it + 1) % cfg.eval_every == 0 or it == cfg.iters - 1:
             model.eval()

@@ -135,3 +135,19 @@ def test_sixty_four_episodes_of_the_tiny_model_run_end_to_end(env, tokenizer, ti
         assert 1 <= len(ep.steps) <= 3 and ep.stop_reason
     metrics = episode_metrics(episodes)
     assert set(metrics) == {"G1", "G2", "G3", "all"} and metrics["all"]["n"] == 64
+
+
+def test_metrics_count_calls_hit_by_a_fault_and_how_many_were_retried_with_the_same_arguments():
+    from rollout import Episode, Step
+    from tools.apis import ToolResult
+    task = make_tasks("test", 1, seed=0)[0]
+    ok, fault = ToolResult(True, "", {}, "{}"), ToolResult(False, "timeout", None, "{}", fault="timeout")
+    call = lambda tool, args, result: Step("", tool, args, "", result.ok, result.error, result)  # noqa: E731
+    retried, switched, clean = (Episode(task=task) for _ in range(3))
+    retried.steps = [call("weather", {"city": "A"}, fault), call("weather", {"city": "A"}, ok)]
+    switched.steps = [call("weather", {"city": "A"}, fault), call("weather", {"city": "B"}, ok),
+                      Step("Finish", None, None, "", True)]                  # no tool ran: not a call
+    clean.steps = [call("weather", {"city": "A"}, ok)]
+    m = episode_metrics([retried, switched, clean])["all"]
+    assert m["fault_rate"] == pytest.approx(2 / 5)           # 2 faulted of 5 calls
+    assert m["retry_after_fault"] == pytest.approx(1 / 2)    # only the first episode repeated the faulted call
