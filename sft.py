@@ -29,7 +29,7 @@ from tqdm import tqdm
 from model import ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained
 from ppo import pack_microbatches, token_logprobs
 from rollout import TEMPLATES, ScriptedPolicy, collate, rollout, system_prompt
-from tools import Environment, Expert, expert_episode, make_tasks, suite_fingerprint
+from tools import Environment, Expert, FaultConfig, expert_episode, make_tasks, suite_fingerprint
 
 
 def train_tokenizer(texts, vocab_size: int, template: str) -> Tokenizer:
@@ -65,7 +65,7 @@ def corpus(env, tasks, template: str, schema_format: str = "compact"):
 def sft_hash(cfg) -> str:
     """Everything the warm start depends on; a run with the same values reuses the cached SFT model."""
     keys = ["sft_seed", "template", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-            "intermediate_size", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr"]
+            "intermediate_size", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "sft_fault_rate"]
     shape = {k: getattr(cfg.rollout, k) for k in ("template", "schema_format", "max_steps", "max_action_tokens",
                                                  "max_total_tokens", "max_obs_tokens")}   # not sampling settings
     blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, **shape, "token_budget": cfg.ppo.token_budget,
@@ -73,10 +73,16 @@ def sft_hash(cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def warm_start(cfg, env, rollout_cfg, device, dtype, log=print):
-    """Return (model, tokenizer) of the SFT warm start, training it (and caching it) if needed. The demonstrations
-    always come from fault-free tools: a run with --fault-rate starts from the same SFT model as a clean run."""
-    env = Environment()
+def demonstration_env(cfg) -> Environment:
+    """The tools the expert's demonstrations are recorded against. They fail at --sft-fault-rate, not --fault-rate:
+    by default (0) a run with faults starts from the same SFT model as a clean run. With faults the expert retries
+    failed calls, and the model trained on its demonstrations learns to retry."""
+    return Environment(FaultConfig(rate=cfg.sft_fault_rate, seed=cfg.sft_seed) if cfg.sft_fault_rate > 0 else None)
+
+
+def warm_start(cfg, rollout_cfg, device, dtype, log=print):
+    """Return (model, tokenizer) of the SFT warm start, training it (and caching it) if needed."""
+    env = demonstration_env(cfg)
     cache_dir = os.path.join(cfg.cache_dir, f"sft-{sft_hash(cfg)}")
     if os.path.exists(os.path.join(cache_dir, "config.json")):
         log(f"SFT warm start: cached at {cache_dir}")

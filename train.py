@@ -83,6 +83,8 @@ class Config:
     sft_epochs: int = 2
     sft_batch: int = 8
     sft_lr: float = 1e-3
+    sft_fault_rate: float = 0.0
+    """Fault rate of the tools the expert's demonstrations are recorded against; the expert retries failed calls."""
     # --- LoRA (pretrained models)
     lora: str = "auto"
     """auto (on for --model, off from scratch) | on | off."""
@@ -190,6 +192,7 @@ def validate(cfg: Config):
         (cfg.iters >= 0, f"--iters must be >= 0 (got {cfg.iters})"),
         (cfg.rewards.alpha >= 0, f"--alpha must be >= 0 (got {cfg.rewards.alpha})"),
         (0 <= cfg.fault_rate <= 1, f"--fault-rate must be in [0, 1] (got {cfg.fault_rate})"),
+        (0 <= cfg.sft_fault_rate <= 1, f"--sft-fault-rate must be in [0, 1] (got {cfg.sft_fault_rate})"),
         (cfg.reward in REWARDS, f"--reward must be one of {sorted(REWARDS)} (got {cfg.reward!r})"),
         (cfg.ppo.advantage in ("step", "token"), f"--advantage must be step or token (got {cfg.ppo.advantage!r})"),
         (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),
@@ -277,7 +280,7 @@ def main(cfg: Config) -> dict:
         from sft import warm_start
         if not d.main:                    # rank 0 trains and caches it while the others wait; then they load it
             distributed.barrier(d)
-        model, tokenizer = warm_start(cfg, env, cfg.rollout, device, torch.float32, log=say)
+        model, tokenizer = warm_start(cfg, cfg.rollout, device, torch.float32, log=say)
         if d.main:
             distributed.barrier(d)
     use_lora = cfg.lora == "on" or (cfg.lora == "auto" and bool(cfg.model))

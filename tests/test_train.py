@@ -128,3 +128,22 @@ def test_a_200_iteration_soak_run_does_not_grow_resident_memory(tmp_path, cache,
     rss = [json.loads(line)["rss_mb"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert len(rss) == 200
     assert max(rss[20:]) <= 1.10 * rss[20]          # no growth beyond 10% after warm-up
+
+
+def test_sft_demonstrations_can_be_recorded_under_faults_and_then_show_retries():
+    from sft import demonstration_env, sft_hash
+    from tools import expert_episode, make_tasks
+    from train import parse_config
+    clean, faulty = parse_config(["--preset", "smoke"]), parse_config(["--preset", "smoke", "--sft-fault-rate", "0.5"])
+    assert sft_hash(clean) != sft_hash(faulty)             # a separate cached warm start
+    tasks = make_tasks("train", 40, seed=0)
+    env = demonstration_env(clean)
+    assert not any(r.fault for t in tasks for _, r in expert_episode(t, env) if r is not None)
+    env, faults, retries = demonstration_env(faulty), 0, 0
+    for task in tasks:
+        history = expert_episode(task, env)
+        for (action, result), (next_action, _) in zip(history, history[1:]):
+            if result is not None and result.fault:
+                faults += 1
+                retries += next_action == action
+    assert faults > 10 and retries >= 0.6 * faults        # the expert retries up to twice, then gives up
