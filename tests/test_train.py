@@ -46,6 +46,10 @@ def test_the_smoke_preset_writes_metrics_a_loadable_checkpoint_and_the_final_tab
     assert open(os.path.join(out, "results.md")).read().count("\n") == 4
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["preset"] == "smoke" and config["ppo"]["gamma"] == 0.99
+    # The critic (weight + bias of the value head) learns at --value-lr, the policy at --lr.
+    groups = json.load(open(os.path.join(out, "ckpt-000001", "state.json")))["optimizer"]["param_groups"]
+    assert [(g["lr"], len(g["params"])) for g in groups][1] == (config["value_lr"], 2)
+    assert groups[0]["lr"] == config["lr"] != config["value_lr"]
 
 
 def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights_and_metrics(tmp_path, cache, smoke_run):
