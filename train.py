@@ -14,6 +14,8 @@ Deviations from the paper (numbered; the paper's own values are in ../shared/PAP
     `--model PATH` takes any Llama/Mistral/Qwen checkpoint, with LoRA on by default as in the paper.
  3. Hyper-parameters are scaled to the tiny model (lr, batch sizes, KL coefficient); γ, λ and the clip ranges are
     the paper's.
+ 4. The value head has a learning rate of its own (--value-lr, 50x the policy's): it starts at zero, and at the
+    policy's rate it never learned within a run (the authors' TRL setup shares one rate).
 """
 from __future__ import annotations
 
