@@ -15,6 +15,10 @@ Choices and deviations:
     The paper's annotators scored 0–5 with GPT-4; `contribution="lcs"` is the authors' rule-based variant: the
     longest-common-subsequence ratio between the tool response and the final answer, ≥ 0.3 → 1 else 0. (The ratio's
     denominator is not stated; we divide by the final answer's length, the string the response should explain.)
+    `contribution="reference"` plays the annotator who knows the solution: the step is the first successful call of
+    one of the task's reference calls (tool and arguments). "used" and "lcs" pay a call with a wrong argument whose
+    (wrong) value flows into the answer, the main failure of a small model (README, "Tool faults"); this rule does
+    not. It needs tasks with a reference chain (the mocked suites; ToolBench imports have none: 0 everywhere).
  3. An episode that ends without Finish (max steps, token budget) has no a_T: all its steps are intermediate and
     the episode earns no IsSolved (0). A `give_up_and_restart` Finish is judged like any answer (it has none: 0).
  4. Default α = 0.5, with `scale=0.5` the step rewards stay in [0, 1] like the released data
@@ -35,7 +39,8 @@ class RewardConfig:
     alpha: float = 0.5
     """Weight α of SuccCalling in the intermediate reward."""
     contribution: str = "used"
-    """How Contribution is decided: "used" (values flow into later calls or the answer) or "lcs" (authors' rule)."""
+    """How Contribution is decided: "used" (values flow into later calls or the answer), "lcs" (authors' rule) or
+    "reference" (the step is a call of the task's reference solution)."""
     lcs_threshold: float = 0.3
     """For contribution="lcs": the LCS ratio at or above which a step counts as contributing."""
     scale: float = 0.5
@@ -96,6 +101,22 @@ def contribution_used(steps, t: int, final_answer: str, query: str) -> float:
     return float(used)
 
 
+def _call_key(tool, args) -> tuple:
+    """A call as comparable data: tool name and normalised arguments."""
+    return tool, tuple(sorted((k, _norm(v) if not isinstance(v, (dict, list)) else json.dumps(v, sort_keys=True))
+                              for k, v in (args or {}).items()))
+
+
+def contribution_reference(steps, t: int, reference_chain) -> float:
+    """Contribution(a_t) = 1 if step t is the first successful call, in this episode, of a call of the task's
+    reference solution; 0 for any other call, for a failed one and for a repeat (repeats would farm the reward)."""
+    step = steps[t]
+    key = _call_key(step.tool, step.args)
+    if not step.success or key not in {_call_key(tool, args) for tool, args in reference_chain}:
+        return 0.0
+    return float(not any(s.success and _call_key(s.tool, s.args) == key for s in steps[:t]))
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -145,6 +166,7 @@ def step_grained_reward(episode, cfg: RewardConfig) -> list[float]:
     contribution = {
         "used": lambda t: contribution_used(steps, t, answer, query),
         "lcs": lambda t: contribution_lcs(steps, t, answer, query, cfg.lcs_threshold),
+        "reference": lambda t: contribution_reference(steps, t, episode.task.reference_chain),
     }[cfg.contribution]
     final = _has_final_step(episode)
     rewards = [cfg.scale * (cfg.alpha * succ_calling(s) + contribution(t))

@@ -200,6 +200,8 @@ def validate(cfg: Config):
         (0 <= cfg.fault_rate <= 1, f"--fault-rate must be in [0, 1] (got {cfg.fault_rate})"),
         (0 <= cfg.sft_fault_rate <= 1, f"--sft-fault-rate must be in [0, 1] (got {cfg.sft_fault_rate})"),
         (cfg.reward in REWARDS, f"--reward must be one of {sorted(REWARDS)} (got {cfg.reward!r})"),
+        (cfg.rewards.contribution in ("used", "lcs", "reference"),
+         f"--contribution must be used, lcs or reference (got {cfg.rewards.contribution!r})"),
         (cfg.ppo.advantage in ("step", "token"), f"--advantage must be step or token (got {cfg.ppo.advantage!r})"),
         (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),
         (cfg.lora in ("auto", "on", "off"), f"--lora must be auto, on or off (got {cfg.lora!r})"),
@@ -296,8 +298,10 @@ def main(cfg: Config) -> dict:
     def evaluate_all(tasks, progress=False):
         """Greedy evaluation, each rank on its share of the tasks; every rank gets the metrics of all of them."""
         with distributed.gathered(model, d):
+            # Every evaluation restarts one fault stream (training rollouts draw from others): SFT and the trained
+            # model are compared on the same faults.
             _, episodes = evaluate(model, tokenizer, env, distributed.shard(tasks, d), cfg.rollout, cfg.rollout_batch,
-                                   progress=progress and d.main)
+                                   progress=progress and d.main, fault_seed=-1 - cfg.seed)
         episodes = distributed.gather(episodes, d)
         return episode_metrics(episodes), episodes
 

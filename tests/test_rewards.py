@@ -1,8 +1,10 @@
 """Rewards on literal, hand-built trajectories; every expected number is worked out by hand in the comments."""
+import dataclasses
+
 import pytest
 
-from rewards import (RewardConfig, contribution_lcs, contribution_used, final_reward, lcs_length,
-                     step_grained_reward, succ_calling)
+from rewards import (RewardConfig, contribution_lcs, contribution_reference, contribution_used, final_reward,
+                     lcs_length, step_grained_reward, succ_calling)
 from rollout import Episode, Step
 from tools import Task, ToolResult
 
@@ -107,3 +109,27 @@ def test_lcs_contribution_uses_the_ratio_threshold():
     assert contribution_lcs(steps, 2, "zzzz", TASK.query) == 0.0
     cfg = RewardConfig(alpha=0.5, scale=0.5, contribution="lcs", lcs_threshold=0.3)
     assert step_grained_reward(SOLVED_WITH_A_DETOUR, cfg)[1] == 0.0
+
+
+def test_reference_contribution_pays_the_solution_calls_once_and_not_a_wrong_argument():
+    chain = [("get_country", {"country": "Norland"}), ("get_weather", {"city": "Lorvik"})]
+    task = dataclasses.replace(TASK, reference_chain=chain)
+    wrong_city = Episode(task, steps=[
+        ok("get_country", {"country": "Norland"}, {"country": "Norland", "capital": "Lorvik"}),
+        ok("get_weather", {"city": "Kalo"}, {"city": "Kalo", "temp_c": 5.3}),       # copied the wrong city
+        finish("It is 5.3 C in Kalo."),
+    ], final_answer="It is 5.3 C in Kalo.", stop_reason="finish")
+    # "used" has it backwards. Step 0 learned Lorvik, which nothing later uses: 0.5·0.5 = 0.25. The wrong call
+    # succeeded (α·1 = 0.5) and its 5.3 reached the answer (Contribution 1): 0.5·(0.5 + 1) = 0.75
+    assert step_grained_reward(wrong_city, RewardConfig(contribution="used")) == pytest.approx([0.25, 0.75, 0.0])
+    # "reference": get_country(Norland) is a call of the solution: 0.5·(0.5 + 1) = 0.75; get_weather(Kalo) is
+    # not, only SuccCalling counts: 0.5·0.5 = 0.25; the answer has neither 18.5 nor Lorvik: IsSolved 0
+    assert step_grained_reward(wrong_city, RewardConfig(contribution="reference")) == pytest.approx([0.75, 0.25, 0.0])
+    # case and number formatting do not matter; a failed call and a repeat of a paid call earn nothing
+    repeat = [ok("get_weather", {"city": "lorvik"}, {"temp_c": 18.5}),
+              failed("get_weather", {"city": "Lorvik"}, "500 Internal Server Error"),
+              ok("get_weather", {"city": "Lorvik"}, {"temp_c": 18.5})]
+    assert [contribution_reference(repeat, t, chain) for t in range(3)] == [1.0, 0.0, 0.0]
+    # a retry after a fault is the first success: paid
+    retry = [repeat[1], repeat[2]]
+    assert [contribution_reference(retry, t, chain) for t in range(2)] == [0.0, 1.0]

@@ -151,3 +151,17 @@ def test_metrics_count_calls_hit_by_a_fault_and_how_many_were_retried_with_the_s
     m = episode_metrics([retried, switched, clean])["all"]
     assert m["fault_rate"] == pytest.approx(2 / 5)           # 2 faulted of 5 calls
     assert m["retry_after_fault"] == pytest.approx(1 / 2)    # only the first episode repeated the faulted call
+
+
+def test_evaluations_with_one_fault_seed_meet_the_same_faults(tokenizer, monkeypatch):
+    # The expert stands in for the model (it makes valid calls, so faults can hit them).
+    import rollout as rollout_module
+    from tools import FaultConfig
+    monkeypatch.setattr(rollout_module, "ModelPolicy", lambda model, tok, cfg: ScriptedPolicy(Expert(), tok, cfg))
+    env, tasks, cfg = Environment(FaultConfig(rate=0.3, seed=0)), make_tasks("test", 40, seed=0), RolloutConfig()
+    faults = lambda episodes: [[bool(s.result and s.result.fault) for s in ep.steps] for ep in episodes]  # noqa: E731
+    first = faults(rollout_module.evaluate(None, tokenizer, env, tasks, cfg, fault_seed=5)[1])
+    consumed = faults(rollout_module.evaluate(None, tokenizer, env, tasks, cfg)[1])  # the stream goes on: other draws
+    again = faults(rollout_module.evaluate(None, tokenizer, env, tasks, cfg, fault_seed=5)[1])
+    assert sum(map(sum, first)) > 5                                        # faults did hit
+    assert again == first and consumed != first
