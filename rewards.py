@@ -17,7 +17,7 @@ Choices and deviations:
     denominator is not stated; we divide by the final answer's length, the string the response should explain.)
     `contribution="reference"` plays the annotator who knows the solution: the step is the first successful call of
     one of the task's reference calls (tool and arguments). "used" and "lcs" pay a call with a wrong argument whose
-    (wrong) value flows into the answer, the main failure of a small model (README, "Tool faults"); this rule does
+    (wrong) value flows into the answer, the main failure of a small model (README, "Training under 30% tool faults"); this rule does
     not. It needs tasks with a reference chain (the mocked suites; ToolBench imports have none: 0 everywhere).
  3. An episode that ends without Finish (max steps, token budget) has no a_T: all its steps are intermediate and
     the episode earns no IsSolved (0). A `give_up_and_restart` Finish is judged like any answer (it has none: 0).
@@ -147,6 +147,14 @@ def contribution_lcs(steps, t: int, final_answer: str, query: str, threshold: fl
     return float(lcs_length(text.lower(), final_answer.lower()) / len(final_answer) >= threshold)
 
 
+# The Contribution rules by name (--contribution): fn(episode, t, cfg) -> Contribution of step t
+CONTRIBUTIONS = {
+    "used": lambda ep, t, cfg: contribution_used(ep.steps, t, ep.final_answer or "", ep.task.query),
+    "lcs": lambda ep, t, cfg: contribution_lcs(ep.steps, t, ep.final_answer or "", ep.task.query, cfg.lcs_threshold),
+    "reference": lambda ep, t, cfg: contribution_reference(ep.steps, t, ep.task.reference_chain),
+}
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Reward functions: fn(episode, cfg) -> one reward per step
 
@@ -162,14 +170,9 @@ def _has_final_step(episode) -> bool:
 
 def step_grained_reward(episode, cfg: RewardConfig) -> list[float]:
     """r_t = scale · (α · SuccCalling_t + Contribution_t) for t < T;   r_T = IsSolved."""
-    steps, answer, query = episode.steps, episode.final_answer or "", episode.task.query
-    contribution = {
-        "used": lambda t: contribution_used(steps, t, answer, query),
-        "lcs": lambda t: contribution_lcs(steps, t, answer, query, cfg.lcs_threshold),
-        "reference": lambda t: contribution_reference(steps, t, episode.task.reference_chain),
-    }[cfg.contribution]
+    steps, contribution = episode.steps, CONTRIBUTIONS[cfg.contribution]
     final = _has_final_step(episode)
-    rewards = [cfg.scale * (cfg.alpha * succ_calling(s) + contribution(t))
+    rewards = [cfg.scale * (cfg.alpha * succ_calling(s) + contribution(episode, t, cfg))
                for t, s in enumerate(steps[:-1] if final else steps)]
     return rewards + [is_solved(episode)] if final else rewards
 

@@ -40,7 +40,7 @@ import checkpoint
 import distributed
 from model import PolicyWithValue, ValueHead, add_lora, load_pretrained, lora_disabled, save_pretrained, strip_prefix
 from ppo import PPOConfig, ppo_update, token_logprobs
-from rewards import REWARDS, RewardConfig
+from rewards import CONTRIBUTIONS, REWARDS, RewardConfig
 from rollout import ModelPolicy, RolloutConfig, collate, episode_metrics, evaluate, rollout
 from tools import Environment, FaultConfig, load_toolbench, make_tasks
 
@@ -200,8 +200,8 @@ def validate(cfg: Config):
         (0 <= cfg.fault_rate <= 1, f"--fault-rate must be in [0, 1] (got {cfg.fault_rate})"),
         (0 <= cfg.sft_fault_rate <= 1, f"--sft-fault-rate must be in [0, 1] (got {cfg.sft_fault_rate})"),
         (cfg.reward in REWARDS, f"--reward must be one of {sorted(REWARDS)} (got {cfg.reward!r})"),
-        (cfg.rewards.contribution in ("used", "lcs", "reference"),
-         f"--contribution must be used, lcs or reference (got {cfg.rewards.contribution!r})"),
+        (cfg.rewards.contribution in CONTRIBUTIONS,
+         f"--contribution must be one of {sorted(CONTRIBUTIONS)} (got {cfg.rewards.contribution!r})"),
         (cfg.ppo.advantage in ("step", "token"), f"--advantage must be step or token (got {cfg.ppo.advantage!r})"),
         (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),
         (cfg.lora in ("auto", "on", "off"), f"--lora must be auto, on or off (got {cfg.lora!r})"),

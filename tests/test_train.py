@@ -85,6 +85,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights_and_metri
     (["--gamma", "1.5"], "--gamma must be in [0, 1]"),
     (["--episodes-per-iter", "0"], "--episodes-per-iter must be > 0"),
     (["--reward", "best"], "--reward must be one of"),
+    (["--contribution", "gpt4"], "--contribution must be one of ['lcs', 'reference', 'used']"),
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
 ])
