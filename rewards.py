@@ -17,8 +17,9 @@ Choices and deviations:
     denominator is not stated; we divide by the final answer's length, the string the response should explain.)
     `contribution="reference"` plays the annotator who knows the solution: the step is the first successful call of
     one of the task's reference calls (tool and arguments). "used" and "lcs" pay a call with a wrong argument whose
-    (wrong) value flows into the answer, the main failure of a small model (README, "Training under 30% tool faults"); this rule does
-    not. It needs tasks with a reference chain (the mocked suites; ToolBench imports have none: 0 everywhere).
+    (wrong) value flows into the answer, the main failure of a small model (README, "Training under 30% tool
+    faults"); this rule does not. It needs tasks with a reference chain (the mocked suites; ToolBench imports have
+    none: 0 everywhere).
  3. An episode that ends without Finish (max steps, token budget) has no a_T: all its steps are intermediate and
     the episode earns no IsSolved (0). A `give_up_and_restart` Finish is judged like any answer (it has none: 0).
  4. Default α = 0.5, with `scale=0.5` the step rewards stay in [0, 1] like the released data
