@@ -1,8 +1,8 @@
-"""Mocked tool APIs, multi-step task suites with ground truth, a scripted expert, answer checking, ToolBench import.
+"""Mocked tool APIs, multi-step task suites ("tiny", "large": tools.make_suite) with ground truth, a scripted expert, answer checking, ToolBench import.
 
 Pure Python, deterministic, offline. See README ("The task suite") and `python -m tools --help`.
 """
 from .apis import SCHEMAS, Environment, FaultConfig, ToolResult, FAULT_KINDS, calculate
-from .tasks import (SOLVED, UNSOLVED, UNSURE, TASK_TYPES, Expert, Task, check_answer, expert_episode,
-                    final_answer_of, format_action, make_tasks, relevant_tool_recall, suite_fingerprint)
+from .tasks import (SOLVED, SUITE_SPLITS, UNSOLVED, UNSURE, TASK_TYPES, Expert, Task, check_answer, expert_episode,
+                    final_answer_of, format_action, make_suite, make_tasks, relevant_tool_recall, suite_fingerprint)
 from .toolbench import load_toolbench

@@ -2,7 +2,8 @@
 
 `Environment.call(name, args)` is the only entry point. It never raises and never evaluates its input:
   1. unknown tool / malformed arguments -> an error response (validated once here, against the schema);
-  2. the tool runs on the seeded world; a value outside its domain -> an error response naming the value;
+  2. the tool runs on the seeded world (Environment's `world`, by default the tiny suite's WORLD); a value outside
+     its domain -> an error response naming the value;
   3. the fault injector may replace the response by a timeout, server error, malformed or truncated body, empty
      result or rate limit (seeded: a pure function of the seed, the call and how often it was made before).
 Responses are shaped like ToolBench's: {"error": "", "response": {...}}.
@@ -13,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from .world import WORLD
+from .world import WORLD, World
 
 MAX_OBSERVATION_CHARS = 1000
 
@@ -156,8 +157,8 @@ def _stable_int(*parts) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts).encode()).digest()[:8], "big")
 
 
-def _forecast(city: str, days: int):
-    c = _lookup(WORLD.cities, city, "city")
+def _forecast(world, city: str, days: int):
+    c = _lookup(world.cities, city, "city")
     out = []
     for d in range(1, days + 1):
         h = _stable_int("forecast", city, d)
@@ -185,34 +186,36 @@ def _web_search(query: str):
                                         for i in range(2)]}
 
 
-IMPLEMENTATIONS = {
-    "get_city": lambda city: (lambda c: {"city": c.name, "country": c.country, "population": c.population,
-                                         "utc_offset": c.utc_offset})(_lookup(WORLD.cities, city, "city")),
-    "get_country": lambda country: (lambda c: {"country": c.name, "capital": c.capital, "currency": c.currency,
-                                               "population": c.population, "continent": c.continent})(
-        _lookup(WORLD.countries, country, "country")),
-    "list_cities": lambda country: {"country": _lookup(WORLD.countries, country, "country").name,
-                                    "cities": sorted(c.name for c in WORLD.cities.values() if c.country == country)},
-    "get_weather": lambda city: (lambda c: {"city": c.name, "temp_c": c.temp_c, "condition": c.condition,
-                                            "humidity": c.humidity})(_lookup(WORLD.cities, city, "city")),
-    "get_forecast": lambda city, days: _forecast(city, days) if 1 <= days <= 5 else
-    (_ for _ in ()).throw(ToolError("days must be between 1 and 5")),
-    "get_exchange_rate": lambda base, target: {
-        "base": base, "target": target,
-        "rate": round(_lookup(WORLD.currencies, target, "currency") / _lookup(WORLD.currencies, base, "currency"), 4)},
-    "get_stock_quote": lambda ticker: (lambda c: {"ticker": c.ticker, "price": c.price_usd, "currency": "USD"})(
-        _lookup(WORLD.tickers, ticker, "ticker")),
-    "search_company": lambda name: (lambda c: {"name": c.name, "ticker": c.ticker, "hq_city": c.hq_city,
-                                               "ceo": c.ceo})(_lookup(WORLD.companies, name, "company")),
-    "calculator": lambda expression: {"expression": expression, "result": calculate(expression)},
-    "convert_units": lambda value, from_unit, to_unit: {"value": convert(value, from_unit, to_unit), "unit": to_unit},
-    "get_local_time": _local_time,
-    "search_person": lambda name: (lambda p: {"name": p.name, "born_city": p.born_city, "birth_year": p.birth_year,
-                                              "profession": p.profession})(_lookup(WORLD.people, name, "person")),
-    "search_film": lambda title: (lambda f: {"title": f.title, "director": f.director, "year": f.year,
-                                             "rating": f.rating})(_lookup(WORLD.films, title, "film")),
-    "web_search": _web_search,
-}
+def implementations(world) -> dict:
+    """name -> function(**args) answering from `world` (a tools.world.World)."""
+    return {
+        "get_city": lambda city: (lambda c: {"city": c.name, "country": c.country, "population": c.population,
+                                             "utc_offset": c.utc_offset})(_lookup(world.cities, city, "city")),
+        "get_country": lambda country: (lambda c: {"country": c.name, "capital": c.capital, "currency": c.currency,
+                                                   "population": c.population, "continent": c.continent})(
+            _lookup(world.countries, country, "country")),
+        "list_cities": lambda country: {"country": _lookup(world.countries, country, "country").name,
+                                        "cities": sorted(c.name for c in world.cities.values() if c.country == country)},
+        "get_weather": lambda city: (lambda c: {"city": c.name, "temp_c": c.temp_c, "condition": c.condition,
+                                                "humidity": c.humidity})(_lookup(world.cities, city, "city")),
+        "get_forecast": lambda city, days: _forecast(world, city, days) if 1 <= days <= 5 else
+        (_ for _ in ()).throw(ToolError("days must be between 1 and 5")),
+        "get_exchange_rate": lambda base, target: {
+            "base": base, "target": target,
+            "rate": round(_lookup(world.currencies, target, "currency") / _lookup(world.currencies, base, "currency"), 4)},
+        "get_stock_quote": lambda ticker: (lambda c: {"ticker": c.ticker, "price": c.price_usd, "currency": "USD"})(
+            _lookup(world.tickers, ticker, "ticker")),
+        "search_company": lambda name: (lambda c: {"name": c.name, "ticker": c.ticker, "hq_city": c.hq_city,
+                                                   "ceo": c.ceo})(_lookup(world.companies, name, "company")),
+        "calculator": lambda expression: {"expression": expression, "result": calculate(expression)},
+        "convert_units": lambda value, from_unit, to_unit: {"value": convert(value, from_unit, to_unit), "unit": to_unit},
+        "get_local_time": _local_time,
+        "search_person": lambda name: (lambda p: {"name": p.name, "born_city": p.born_city, "birth_year": p.birth_year,
+                                                  "profession": p.profession})(_lookup(world.people, name, "person")),
+        "search_film": lambda title: (lambda f: {"title": f.title, "director": f.director, "year": f.year,
+                                                 "rating": f.rating})(_lookup(world.films, title, "film")),
+        "web_search": _web_search,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,10 +283,14 @@ def _dump(error: str, response) -> str:
 
 
 class Environment:
-    """The registry of tools. `tools`: name -> (schema, implementation); defaults to the mocked APIs above."""
+    """The registry of tools. `tools`: name -> (schema, implementation); defaults to the mocked APIs above,
+    answering from `world` (the tiny suite's WORLD unless given; tools.make_suite(...).environment() passes its own)."""
 
-    def __init__(self, faults: FaultConfig | None = None, tools: dict | None = None):
-        self.tools = tools if tools is not None else {n: (SCHEMAS[n], IMPLEMENTATIONS[n]) for n in SCHEMAS}
+    def __init__(self, faults: FaultConfig | None = None, tools: dict | None = None, world: World = WORLD):
+        if tools is None:
+            answer = implementations(world)
+            tools = {n: (SCHEMAS[n], answer[n]) for n in SCHEMAS}
+        self.tools = tools
         self.faults = faults
         self.reset()
 

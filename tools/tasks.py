@@ -2,25 +2,36 @@
 
 Groups mirror ToolBench's G1/G2/G3: (1) one relevant tool; (2) 2–3 chained calls where later arguments come from
 earlier results; (3) 3–5 calls across categories (finance + math, knowledge + weather + math, geography + math).
+Thirteen task types, three query templates (phrasings) each; a task is (type, entities, template) in a world.
+`make_suite(name)` gives one interface over two suites: .environment(faults), .tasks(split, n, seed), .fingerprint().
 
-Splits: every task type has three query templates (phrasings). A task is (type, entities, template); the
-(entities, template) pairs are partitioned between train / val / test by a hash, so no (entity, template) pair is
-shared across splits. For the two-entity types (G3: a company and a currency; two countries) the entity *pair* is
-partitioned whatever the template, so those test tasks are compositions never seen in training. A single entity
-does appear in training under another phrasing or in another task type: the world is small enough for a tiny model
-trained from scratch in minutes (see README, "Design of the benchmark"). Deterministic from (split, seed); tens of
-thousands of tasks per second.
+"tiny" (make_tasks, the default, for the from-scratch model): one small world; the (entities, template) pairs are
+partitioned between train / val / test by a hash, so no (entity, template) pair is shared across splits. For the
+two-entity types (G3: a company and a currency; two countries) the entity *pair* is partitioned whatever the
+template, so those test tasks are compositions never seen in training. A single entity does appear in training
+under another phrasing or in another task type: the world is small enough for a tiny model trained from scratch in
+minutes (see README, "Design of the benchmark"). Tasks are drawn with replacement; "sft" = "train". Each task shows
+its relevant tools plus two distractors.
+
+"large" (LargeSuite, for a pretrained model that copies names): one world per split (sft, train, val, test) with
+globally unique names, so splits are entity-disjoint down to every entity a reference chain touches; the APIs answer
+from the union. val (150) and test (540) are fixed lists of unique tasks, a third per group; sft and train are drawn
+with replacement from their own worlds. Every task shows all 14 tools in one fixed order.
+
+Deterministic; tens of thousands of tasks per second; the large suite builds in milliseconds.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 
-from .apis import SCHEMAS, calculate, convert
-from .world import WORLD
+from .apis import SCHEMAS, Environment, FaultConfig, calculate, convert
+from .world import WORLD, WORLD_SEED, World
 
 SOLVED, UNSURE, UNSOLVED = 1.0, 0.5, 0.0
 
@@ -47,81 +58,81 @@ def format_action(thought: str, tool: str, args: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Task types: name -> (group, entity pool, builder). A builder returns (query templates, chain, facts, answer).
 
-def _weather(city):
-    c = WORLD.cities[city]
+def _weather(world, city):
+    c = world.cities[city]
     return (["What is the temperature in {0} right now?", "How warm is it in {0}?", "Tell me the current temperature in {0}."],
             [("get_weather", {"city": city})], [c.temp_c], f"It is {c.temp_c} C in {city}.", (city,))
 
 
-def _city_pop(city):
-    c = WORLD.cities[city]
+def _city_pop(world, city):
+    c = world.cities[city]
     return (["What is the population of {0}?", "How many people live in {0}?", "Give me the number of inhabitants of {0}."],
             [("get_city", {"city": city})], [c.population], f"{city} has {c.population} inhabitants.", (city,))
 
 
-def _capital(country):
-    c = WORLD.countries[country]
+def _capital(world, country):
+    c = world.countries[country]
     return (["What is the capital of {0}?", "Which city is the capital of {0}?", "Name the capital city of {0}."],
             [("get_country", {"country": country})], [c.capital], f"The capital of {country} is {c.capital}.", (country,))
 
 
-def _film_year(title):
-    f = WORLD.films[title]
+def _film_year(world, title):
+    f = world.films[title]
     return (["In which year was the film {0} released?", "When did {0} come out?", "What year is the film {0} from?"],
             [("search_film", {"title": title})], [f.year], f"{title} was released in {f.year}.", (title,))
 
 
-def _stock(ticker):
-    c = WORLD.tickers[ticker]
+def _stock(world, ticker):
+    c = world.tickers[ticker]
     return (["What is the stock price of {0}?", "How much does one {0} share cost?", "Quote the share price of {0}."],
             [("get_stock_quote", {"ticker": ticker})], [c.price_usd], f"{ticker} trades at {c.price_usd} USD.", (ticker,))
 
 
-def _capital_weather(country):
-    c = WORLD.countries[country]
-    t = WORLD.cities[c.capital].temp_c
+def _capital_weather(world, country):
+    c = world.countries[country]
+    t = world.cities[c.capital].temp_c
     return (["What is the temperature in the capital of {0}?", "How warm is it in the capital city of {0}?",
              "Tell me the current temperature in the capital of {0}."],
             [("get_country", {"country": country}), ("get_weather", {"city": c.capital})], [t, c.capital],
             f"It is {t} C in {c.capital}, the capital of {country}.", (country,))
 
 
-def _city_currency(city):
-    country = WORLD.cities[city].country
-    code = WORLD.countries[country].currency
+def _city_currency(world, city):
+    country = world.cities[city].country
+    code = world.countries[country].currency
     return (["Which currency is used in {0}?", "What money do people pay with in {0}?", "Name the currency of the country of {0}."],
             [("get_city", {"city": city}), ("get_country", {"country": country})], [code],
             f"{city} is in {country}, whose currency is {code}.", (city,))
 
 
-def _director_birthplace(title):
-    d = WORLD.films[title].director
-    city = WORLD.people[d].born_city
+def _director_birthplace(world, title):
+    d = world.films[title].director
+    city = world.people[d].born_city
     return (["Where was the director of {0} born?", "In which city was the director of the film {0} born?",
              "Name the birth city of the director of {0}."],
             [("search_film", {"title": title}), ("search_person", {"name": d})], [d, city],
             f"{d}, the director of {title}, was born in {city}.", (title,))
 
 
-def _company_price(name):
-    c = WORLD.companies[name]
+def _company_price(world, name):
+    c = world.companies[name]
     return (["What is the stock price of {0}?", "How much does one share of {0} cost?", "Quote the share price of {0}."],
             [("search_company", {"name": name}), ("get_stock_quote", {"ticker": c.ticker})], [c.price_usd],
             f"{name} ({c.ticker}) trades at {c.price_usd} USD.", (name,))
 
 
-def _ceo_birth_year(name):
-    c = WORLD.companies[name]
-    year = WORLD.people[c.ceo].birth_year
+def _ceo_birth_year(world, name):
+    c = world.companies[name]
+    year = world.people[c.ceo].birth_year
     return (["In which year was the CEO of {0} born?", "When was the chief executive of {0} born?",
              "What is the birth year of the CEO of {0}?"],
             [("search_company", {"name": name}), ("search_person", {"name": c.ceo})], [year],
             f"{c.ceo}, the CEO of {name}, was born in {year}.", (name,))
 
 
-def _company_price_local(name, code):
-    c = WORLD.companies[name]
-    rate = round(WORLD.currencies[code] / WORLD.currencies["USD"], 4)
+def _company_price_local(world, name, code):
+    c = world.companies[name]
+    rate = round(world.currencies[code] / world.currencies["USD"], 4)
     expression = f"{c.price_usd} * {rate}"
     value = round(calculate(expression), 2)
     return (["What does one share of {0} cost in {1}?", "Give the price of a {0} share in {1}.",
@@ -131,10 +142,10 @@ def _company_price_local(name, code):
             [value], f"One share of {name} costs {value} {code}.", (name, code))
 
 
-def _director_weather_f(title):
-    d = WORLD.films[title].director
-    city = WORLD.people[d].born_city
-    t = WORLD.cities[city].temp_c
+def _director_weather_f(world, title):
+    d = world.films[title].director
+    city = world.people[d].born_city
+    t = world.cities[city].temp_c
     f = convert(t, "C", "F")
     return (["What is the temperature in Fahrenheit in the birth city of the director of {0}?",
              "How warm is it, in F, where the director of {0} was born?",
@@ -144,9 +155,9 @@ def _director_weather_f(title):
             [f], f"It is {f} F in {city}, where {d} was born.", (title,))
 
 
-def _capital_pop_diff(a, b):
-    ca, cb = WORLD.countries[a].capital, WORLD.countries[b].capital
-    pa, pb = WORLD.cities[ca].population, WORLD.cities[cb].population
+def _capital_pop_diff(world, a, b):
+    ca, cb = world.countries[a].capital, world.countries[b].capital
+    pa, pb = world.cities[ca].population, world.cities[cb].population
     expression = f"{pa} - {pb}"
     diff = int(calculate(expression))
     return (["How many more people live in the capital of {0} than in the capital of {1}?",
@@ -157,30 +168,50 @@ def _capital_pop_diff(a, b):
             [diff], f"The difference is {diff} ({ca} {pa}, {cb} {pb}).", (a, b))
 
 
-_CITIES, _COUNTRIES = sorted(WORLD.cities), sorted(WORLD.countries)
-_FILMS, _COMPANIES, _TICKERS = sorted(WORLD.films), sorted(WORLD.companies), sorted(WORLD.tickers)
-_CODES = sorted(c for c in WORLD.currencies if c != "USD")
+def domains(world) -> dict:
+    """The entities a task can be about, by domain, each in a fixed (sorted) order."""
+    return {"city": sorted(world.cities), "country": sorted(world.countries), "film": sorted(world.films),
+            "company": sorted(world.companies), "ticker": sorted(world.tickers),
+            "code": sorted(c for c in world.currencies if c != "USD")}
+
 
 TASK_TYPES = {
-    "weather": (1, [_CITIES], _weather),
-    "city_population": (1, [_CITIES], _city_pop),
-    "capital": (1, [_COUNTRIES], _capital),
-    "film_year": (1, [_FILMS], _film_year),
-    "stock_price": (1, [_TICKERS], _stock),
-    "capital_weather": (2, [_COUNTRIES], _capital_weather),
-    "city_currency": (2, [_CITIES], _city_currency),
-    "director_birthplace": (2, [_FILMS], _director_birthplace),
-    "company_price": (2, [_COMPANIES], _company_price),
-    "ceo_birth_year": (2, [_COMPANIES], _ceo_birth_year),
-    "company_price_local": (3, [_COMPANIES, _CODES], _company_price_local),
-    "director_weather_f": (3, [_FILMS], _director_weather_f),
-    "capital_population_diff": (3, [_COUNTRIES, _COUNTRIES], _capital_pop_diff),
+    "weather": (1, ("city",), _weather),
+    "city_population": (1, ("city",), _city_pop),
+    "capital": (1, ("country",), _capital),
+    "film_year": (1, ("film",), _film_year),
+    "stock_price": (1, ("ticker",), _stock),
+    "capital_weather": (2, ("country",), _capital_weather),
+    "city_currency": (2, ("city",), _city_currency),
+    "director_birthplace": (2, ("film",), _director_birthplace),
+    "company_price": (2, ("company",), _company_price),
+    "ceo_birth_year": (2, ("company",), _ceo_birth_year),
+    "company_price_local": (3, ("company", "code"), _company_price_local),
+    "director_weather_f": (3, ("film",), _director_weather_f),
+    "capital_population_diff": (3, ("country", "country"), _capital_pop_diff),
 }
 SPLITS = ("train", "val", "test")
+_CITIES = sorted(WORLD.cities)          # the expert's wrong-argument noise draws from these
+
+
+def combinations(world, kind: str) -> list[tuple]:
+    """The entity tuples of a task type in `world`: single entities, or ordered pairs of distinct ones."""
+    names = [domains(world)[d] for d in TASK_TYPES[kind][1]]
+    return [(x,) for x in names[0]] if len(names) == 1 else [(x, y) for x in names[0] for y in names[1] if x != y]
+
+
+def build_task(world, kind: str, entities: tuple, template: int, task_id: str, split: str, show_tools) -> Task:
+    """One task of type `kind` about `entities` in `world`, phrased with query template `template` (0-2).
+    show_tools(relevant tools) -> the tool list shown to the model."""
+    group, _, builder = TASK_TYPES[kind]
+    templates, chain, facts, answer, _ = builder(world, *entities)
+    relevant = list(dict.fromkeys(tool for tool, _ in chain))
+    return Task(task_id, group, split, templates[template].format(*entities), show_tools(relevant), answer, facts,
+                relevant, chain, kind)
 
 
 def split_of(kind: str, entities: tuple, template: int) -> str:
-    """The split of a task: 70% train, 10% val, 20% test, by a hash of (type, entities, template) — of
+    """The split of a tiny-suite task: 70% train, 10% val, 20% test, by a hash of (type, entities, template) — of
     (type, entities) alone for two-entity types, so their test pairs are unseen in training."""
     key = [kind, list(entities)] + ([template] if len(entities) == 1 else [])
     h = int(hashlib.sha256(json.dumps(key).encode()).hexdigest()[:8], 16) % 10
@@ -188,11 +219,10 @@ def split_of(kind: str, entities: tuple, template: int) -> str:
 
 
 def _pools():
-    """For every task type and split, the (entities, template index) combinations that belong to it."""
+    """For every task type and split, the (entities, template index) combinations that belong to it (tiny suite)."""
     pools = {}
-    for kind, (_, domains, _) in TASK_TYPES.items():
-        combos = [(x,) for x in domains[0]] if len(domains) == 1 else \
-            [(x, y) for x in domains[0] for y in domains[1] if x != y]
+    for kind in TASK_TYPES:
+        combos = combinations(WORLD, kind)
         for split in SPLITS:
             pools[kind, split] = [(c, t) for c in combos for t in range(3) if split_of(kind, c, t) == split]
     return pools
@@ -202,26 +232,146 @@ POOLS = _pools()
 
 
 def make_tasks(split: str, n: int, seed: int = 0, group: int | None = None, n_distractors: int = 2) -> list[Task]:
-    """n tasks of `split` (train | val | test), groups uniform unless `group` is given. Deterministic."""
+    """n tasks of the tiny suite's `split` (train | val | test), drawn with replacement, groups uniform unless
+    `group` is given; each shows its relevant tools plus `n_distractors` others, shuffled. Deterministic."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
     if group not in (None, 1, 2, 3):
         raise ValueError(f"group must be 1, 2 or 3 (got {group})")
     rng = random.Random(f"{split}:{seed}")
     kinds = {g: [k for k, v in TASK_TYPES.items() if v[0] == g and POOLS[k, split]] for g in (1, 2, 3)}
+
+    def relevant_and_distractors(relevant):
+        others = [t for t in SCHEMAS if t not in relevant]
+        tools = relevant + rng.sample(others, min(n_distractors, len(others)))
+        rng.shuffle(tools)
+        return tools
+
     tasks = []
     for i in range(n):
         g = group or rng.choice((1, 2, 3))
         kind = rng.choice(kinds[g])
         entities, template = rng.choice(POOLS[kind, split])
-        templates, chain, facts, answer, _ = TASK_TYPES[kind][2](*entities)
-        query = templates[template].format(*entities)
-        relevant = list(dict.fromkeys(tool for tool, _ in chain))
-        others = [t for t in SCHEMAS if t not in relevant]
-        tools = relevant + rng.sample(others, min(n_distractors, len(others)))
-        rng.shuffle(tools)
-        tasks.append(Task(f"{split}-{seed}-{i}", g, split, query, tools, answer, facts, relevant, chain, kind))
+        tasks.append(build_task(WORLD, kind, entities, template, f"{split}-{seed}-{i}", split, relevant_and_distractors))
     return tasks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Suites: one interface (environment, tasks, fingerprint) over the tiny suite above and the large one below
+
+
+SUITE_SPLITS = ("sft", "train", "val", "test")
+
+
+def _check(split: str, group):
+    if split not in SUITE_SPLITS:
+        raise ValueError(f"unknown split {split!r} (choose from {', '.join(SUITE_SPLITS)})")
+    if group not in (None, 1, 2, 3):
+        raise ValueError(f"group must be 1, 2 or 3 (got {group})")
+
+
+class TinySuite:
+    """The small WORLD and make_tasks, as they always were: "sft" and "train" both draw from the train split."""
+    name = "tiny"
+
+    def environment(self, faults: FaultConfig | None = None) -> Environment:
+        return Environment(faults)
+
+    def tasks(self, split: str, n: int | None = None, seed: int = 0, group: int | None = None) -> list[Task]:
+        _check(split, group)
+        if n is None:
+            raise ValueError("the tiny suite samples its tasks with replacement: give n")
+        return make_tasks("train" if split == "sft" else split, n, seed, group)
+
+    def fingerprint(self) -> str:
+        return suite_fingerprint()
+
+
+LARGE_WORLDS = {     # split -> (world seed, size); built in this order with one shared `used` set, so disjoint
+    "test": (WORLD_SEED + 1, dict(n_countries=12, cities_per_country=3, n_people=24, n_films=24, n_companies=16)),
+    "val": (WORLD_SEED + 2, dict(n_countries=4, cities_per_country=3, n_people=8, n_films=8, n_companies=6)),
+    "train": (WORLD_SEED + 3, dict(n_countries=16, cities_per_country=3, n_people=32, n_films=32, n_companies=24)),
+    "sft": (WORLD_SEED + 4, dict(n_countries=16, cities_per_country=3, n_people=32, n_films=32, n_companies=24)),
+}
+LARGE_FIXED_PER_GROUP = {"test": 180, "val": 50}   # unique tasks per group in the fixed val and test lists
+
+
+class LargeSuite:
+    """For a pretrained model that can copy names: one world per split (entity-disjoint, so no test entity or any
+    entity its chain touches occurs in sft/train/val), every task shows all tools in one fixed order (one system
+    prompt for every episode), val and test are fixed lists of unique tasks, sft and train are drawn with
+    replacement from their own worlds' (entities, template) pools."""
+    name = "large"
+
+    def __init__(self):
+        used: set[str] = set()
+        self.worlds = {split: World(seed, used=used, **size) for split, (seed, size) in LARGE_WORLDS.items()}
+        self.world = World.union(list(self.worlds.values()))
+        self.pools = {(kind, split): [(c, t) for c in combinations(self.worlds[split], kind) for t in range(3)]
+                      for kind in TASK_TYPES for split in ("sft", "train")}
+        self.fixed = {split: self._fixed_list(split, per_group) for split, per_group in LARGE_FIXED_PER_GROUP.items()}
+
+    def _fixed_list(self, split: str, per_group: int) -> list[tuple]:
+        """(kind, entities, template) of a fixed list: within a group, task types in turn; within a type, entities
+        in a seeded order, each once before any twice (then with another template); groups interleaved G1 G2 G3 G1
+        ..., so every prefix is balanced over groups and types."""
+        rng = random.Random(f"large:{split}")
+        by_group = []
+        for g in (1, 2, 3):
+            queues = []
+            for kind in [k for k, v in TASK_TYPES.items() if v[0] == g]:
+                combos = combinations(self.worlds[split], kind)
+                rng.shuffle(combos)
+                queues.append([(kind, c, (i + k) % 3) for k in range(3) for i, c in enumerate(combos)])
+            in_turn = [spec for row in itertools.zip_longest(*queues) for spec in row if spec is not None]
+            if len(in_turn) < per_group:
+                raise ValueError(f"the {split} world has {len(in_turn)} unique G{g} tasks, {per_group} asked for")
+            by_group.append(in_turn[:per_group])
+        return [spec for row in zip(*by_group) for spec in row]
+
+    def environment(self, faults: FaultConfig | None = None) -> Environment:
+        return Environment(faults, world=self.world)
+
+    def tasks(self, split: str, n: int | None = None, seed: int = 0, group: int | None = None) -> list[Task]:
+        """val/test: the first n of the fixed list (all if n is None; `seed` is ignored); sft/train: n tasks drawn
+        with replacement, groups uniform, deterministic from `seed`."""
+        _check(split, group)
+        every_tool = lambda relevant: list(SCHEMAS)                                  # noqa: E731
+        if split in self.fixed:
+            specs = [(i, spec) for i, spec in enumerate(self.fixed[split]) if group in (None, TASK_TYPES[spec[0]][0])]
+            if n is not None and n > len(specs):
+                raise ValueError(f"the large suite's {split} list has {len(specs)} tasks; {n} asked for")
+            return [build_task(self.world, kind, c, t, f"{split}-{i:05d}", split, every_tool)
+                    for i, (kind, c, t) in specs[:n]]
+        if n is None:
+            raise ValueError(f"the large suite samples its {split} tasks with replacement: give n")
+        rng = random.Random(f"large:{split}:{seed}")
+        kinds = {g: [k for k, v in TASK_TYPES.items() if v[0] == g] for g in (1, 2, 3)}
+        tasks = []
+        for i in range(n):
+            kind = rng.choice(kinds[group or rng.choice((1, 2, 3))])
+            entities, template = rng.choice(self.pools[kind, split])
+            tasks.append(build_task(self.world, kind, entities, template, f"{split}-{seed}-{i:05d}", split, every_tool))
+        return tasks
+
+    def fingerprint(self) -> str:
+        """A short hash of the worlds, the tools, the pools and the fixed lists."""
+        tables = [repr(sorted(getattr(self.world, t).items())) for t in ("currencies", "countries", "cities", "people",
+                                                                         "films", "companies")]
+        blob = json.dumps([tables, SCHEMAS, sorted(map(str, self.pools.items())),
+                           [asdict(t) for split in self.fixed for t in self.tasks(split)]])
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+SUITES = {"tiny": TinySuite, "large": LargeSuite}
+
+
+@functools.lru_cache(maxsize=None)
+def make_suite(name: str):
+    """The task suite `name` (tiny | large): .environment(faults), .tasks(split, n, seed), .fingerprint()."""
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r} (choose from {', '.join(SUITES)})")
+    return SUITES[name]()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

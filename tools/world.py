@@ -1,7 +1,11 @@
 """The seeded synthetic world behind the mocked APIs: cities, countries, currencies, people, films, companies.
 
 Names are made of syllables so they are new words to any model: an agent must copy them from the query or an
-earlier observation, it cannot recall them. Everything is a pure function of WORLD_SEED: no clock, no network.
+earlier observation, it cannot recall them. Everything is a pure function of the seed: no clock, no network.
+
+WORLD is the small world of the "tiny" suite. The "large" suite (tools.tasks.LargeSuite) builds one World per split
+with a shared `used` set, so no name, currency code or ticker occurs in two of them, and the APIs answer from their
+union (World.union).
 """
 from __future__ import annotations
 
@@ -65,10 +69,13 @@ class Company:
 
 
 class World:
+    """Every entity, keyed by name. `used`: names, currency codes and tickers taken by other worlds (updated here);
+    share one set between worlds to keep them disjoint."""
+
     def __init__(self, seed: int = WORLD_SEED, n_countries: int = 8, cities_per_country: int = 3, n_people: int = 16,
-                 n_films: int = 16, n_companies: int = 12):
+                 n_films: int = 16, n_companies: int = 12, used: set | None = None):
         rng = random.Random(seed)
-        used: set[str] = set()
+        used = set() if used is None else used
 
         def word(parts: int) -> str:
             while True:
@@ -83,8 +90,9 @@ class World:
         for _ in range(n_countries):
             country = word(3)
             code = (country[:2] + rng.choice("XYZQJ")).upper()
-            while code in self.currencies:
+            while code in used or code == "USD":   # names are capitalised words, so only codes can clash here
                 code = code[:2] + rng.choice("ABCDEFGHKLMNPRSTUVW")
+            used.add(code)
             self.currencies[code] = round(rng.uniform(0.2, 9.0), 2)
             names = [word(2) for _ in range(cities_per_country)]
             for name in names:
@@ -106,11 +114,24 @@ class World:
         for _ in range(n_companies):
             name = word(2) + rng.choice([" Corp", " Labs", " Group"])
             ticker = name[:3].upper() + rng.choice("XYZ")
-            while any(c.ticker == ticker for c in self.companies.values()):
+            while ticker in used:
                 ticker = ticker[:3] + rng.choice("ABCDEFGHJK")
+            used.add(ticker)
             self.companies[name] = Company(name, ticker, rng.choice(city_names), rng.choice(person_names),
                                            round(rng.uniform(5, 400), 2))
         self.tickers = {c.ticker: c for c in self.companies.values()}
+
+    @classmethod
+    def union(cls, worlds: list) -> "World":
+        """One world holding the entities of several disjoint worlds (they share only USD)."""
+        merged = cls.__new__(cls)
+        for table in ("currencies", "countries", "cities", "people", "films", "companies", "tickers"):
+            tables = [getattr(w, table) for w in worlds]
+            union = {k: v for t in tables for k, v in t.items()}
+            if len(union) != sum(map(len, tables)) - (len(worlds) - 1) * (table == "currencies"):
+                raise ValueError(f"the worlds share {table}: build them with one `used` set")
+            setattr(merged, table, union)
+        return merged
 
 
 WORLD = World()
