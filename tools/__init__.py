@@ -1,4 +1,5 @@
-"""Mocked tool APIs, multi-step task suites ("tiny", "large": tools.make_suite) with ground truth, a scripted expert, answer checking, ToolBench import.
+"""Mocked tool APIs, multi-step task suites with ground truth ("tiny" and "large", tools.make_suite), a scripted
+expert, answer checking, ToolBench import.
 
 Pure Python, deterministic, offline. See README ("The task suite") and `python -m tools --help`.
 """

@@ -195,20 +195,23 @@ def implementations(world) -> dict:
                                                    "population": c.population, "continent": c.continent})(
             _lookup(world.countries, country, "country")),
         "list_cities": lambda country: {"country": _lookup(world.countries, country, "country").name,
-                                        "cities": sorted(c.name for c in world.cities.values() if c.country == country)},
+                                        "cities": sorted(c.name for c in world.cities.values()
+                                                         if c.country == country)},
         "get_weather": lambda city: (lambda c: {"city": c.name, "temp_c": c.temp_c, "condition": c.condition,
                                                 "humidity": c.humidity})(_lookup(world.cities, city, "city")),
         "get_forecast": lambda city, days: _forecast(world, city, days) if 1 <= days <= 5 else
         (_ for _ in ()).throw(ToolError("days must be between 1 and 5")),
         "get_exchange_rate": lambda base, target: {
             "base": base, "target": target,
-            "rate": round(_lookup(world.currencies, target, "currency") / _lookup(world.currencies, base, "currency"), 4)},
+            "rate": round(_lookup(world.currencies, target, "currency") /
+                          _lookup(world.currencies, base, "currency"), 4)},
         "get_stock_quote": lambda ticker: (lambda c: {"ticker": c.ticker, "price": c.price_usd, "currency": "USD"})(
             _lookup(world.tickers, ticker, "ticker")),
         "search_company": lambda name: (lambda c: {"name": c.name, "ticker": c.ticker, "hq_city": c.hq_city,
                                                    "ceo": c.ceo})(_lookup(world.companies, name, "company")),
         "calculator": lambda expression: {"expression": expression, "result": calculate(expression)},
-        "convert_units": lambda value, from_unit, to_unit: {"value": convert(value, from_unit, to_unit), "unit": to_unit},
+        "convert_units": lambda value, from_unit, to_unit: {"value": convert(value, from_unit, to_unit),
+                                                            "unit": to_unit},
         "get_local_time": _local_time,
         "search_person": lambda name: (lambda p: {"name": p.name, "born_city": p.born_city, "birth_year": p.birth_year,
                                                   "profession": p.profession})(_lookup(world.people, name, "person")),

@@ -252,7 +252,8 @@ def make_tasks(split: str, n: int, seed: int = 0, group: int | None = None, n_di
         g = group or rng.choice((1, 2, 3))
         kind = rng.choice(kinds[g])
         entities, template = rng.choice(POOLS[kind, split])
-        tasks.append(build_task(WORLD, kind, entities, template, f"{split}-{seed}-{i}", split, relevant_and_distractors))
+        task_id = f"{split}-{seed}-{i}"
+        tasks.append(build_task(WORLD, kind, entities, template, task_id, split, relevant_and_distractors))
     return tasks
 
 
