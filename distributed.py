@@ -1,7 +1,8 @@
 """Data-parallel training with PyTorch's own engine: `torchrun` + DistributedDataParallel, or FSDP2 (`fully_shard`).
 
-Who calls it: train.py (set-up, sharding the episodes, gathering results, wrapping the policy, saving) and ppo.py
-(`all_sum`, so a batch statistic or a token count means the same on N ranks as on one).
+Who calls it: train.py (set-up, sharding the episodes, gathering results, wrapping the policy, saving). ppo.py never
+imports it: `wrap` attaches a `DataParallel` to the module it returns, as `module.data_parallel`, and ppo_update
+runs through its three hooks (ppo.OneProcess is the same three for one process; see ppo.py's contract).
 
 Why a module of its own: process-group set-up, which rank does what, and the FSDP details (gathering parameters for
 generation and for saving) would bury train.py's loop. In a single process without torchrun every function here is
@@ -11,8 +12,9 @@ Who does what (N ranks):
  1. Every rank rolls out its own share of each iteration's episodes, with its own seed stream: (seed, iteration,
     rank). The task sample and the PPO mini-batch shuffle are the same on every rank (seeded by (seed, iteration)).
  2. Gradients are averaged by DDP (all-reduce) or FSDP (reduce-scatter). ppo.py sums its normalisers (action-token
-    counts) and batch statistics (advantage whitening, KL) over ranks and multiplies the loss by N, so one update
-    with B/N episodes on each of N ranks equals one update with B episodes on one rank (tests/test_distributed.py).
+    counts) and batch statistics (advantage whitening, KL) over ranks and multiplies the loss by N, through the
+    hooks of `DataParallel`, so one update with B/N episodes on each of N ranks equals one update with B episodes on
+    one rank (tests/test_distributed.py).
  3. Evaluation shards the val/test tasks over ranks and gathers the episodes: every rank gets the global metrics.
  4. Only rank 0 prints, writes logs, progress bars, checkpoints and the final model. With --fsdp, gathering the
     weights for a save is collective (every rank takes part) and rank 0 writes.
@@ -26,7 +28,10 @@ re-gathering every block at every generated token; that needs one full copy of t
 """
 from __future__ import annotations
 
+import gc
 import os
+import sys
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -70,8 +75,20 @@ def init(device: str, fsdp: bool = False) -> tuple[Dist, torch.device]:
 
 
 def shutdown():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, on every rank, after the program's objects are gone (train.py and the test worker
+    call it once main has returned). NOTE: this is where a SIGABRT at exit came from ("terminate called without an
+    active exception", about 1 run in 30 of two gloo ranks under load): DDP's reducer and FSDP's device meshes keep
+    the process group and its last work objects alive after destroy_process_group, in reference cycles, until
+    interpreter finalization; a gloo thread that then releases a tensor needs the GIL, is ended by the finalizing
+    interpreter, and the C++ runtime aborts. So: all ranks finish their collectives together (barrier, skipped on an
+    error, where a peer may never arrive), then the group is destroyed and the cycles collected while Python is
+    fully alive."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if sys.exc_info()[0] is None:
+        dist.barrier()
+    dist.destroy_process_group()
+    gc.collect()
 
 
 def barrier(d: Dist):
@@ -86,21 +103,6 @@ def all_sum(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().clone()
     dist.all_reduce(x)
     return x
-
-
-def world_size() -> int:
-    return dist.get_world_size() if initialized() else 1
-
-
-def lockstep(policy, groups: list) -> tuple[list, int]:
-    """FSDP: every forward all-gathers weights, a collective, so every rank must run as many micro-batches as the
-    busiest one: the list is padded with repeats of its last group. Returns (groups, how many are real); callers give
-    the repeats zero weight. DDP and one process: unchanged (DDP only communicates on the synced backward)."""
-    if not (initialized() and _fsdp_modules(policy)):
-        return groups, len(groups)
-    n = torch.tensor([len(groups)])
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return groups + [groups[-1]] * (int(n) - len(groups)), len(groups)
 
 
 def shard(items: list, d: Dist) -> list:
@@ -133,7 +135,7 @@ def max_over_ranks(x: float, d: Dist) -> float:
 
 def wrap(policy, d: Dist, device: torch.device):
     """The module ppo_update trains: the policy itself (1 process), DDP(policy), or the policy with FSDP2 applied
-    in place (every block, the model, the value head)."""
+    in place (every block, the model, the value head); on N ranks it carries its `data_parallel` hooks."""
     if d.world == 1:
         return policy
     if d.fsdp:
@@ -142,9 +144,66 @@ def wrap(policy, d: Dist, device: torch.device):
             fully_shard(block)
         fully_shard(policy.model)                # a root of its own: rollouts and the reference call it directly
         fully_shard(policy.value_head)
-        return policy
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+        module = policy
+    else:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        module = DDP(policy, device_ids=[device.index] if device.type == "cuda" else None)
+    module.data_parallel = DataParallel(module, d.world, d.fsdp)
+    return module
+
+
+class DataParallel:
+    """What ppo_update needs on N ranks, as three hooks (ppo.OneProcess has the same three for one process).
+
+    DDP and FSDP average the gradients over ranks; ppo.py normalises each loss by the action-token count of the whole
+    mini-batch (all ranks: `all_sum`), so the loss is multiplied by N and N ranks take exactly the step one rank
+    would take on all the episodes."""
+
+    def __init__(self, module, world: int, fsdp: bool):
+        self.module = weakref.proxy(module)  # weak: the module holds this object (no cycle; see shutdown)
+        self.world, self.fsdp = world, fsdp
+
+    @staticmethod
+    def all_sum(x: torch.Tensor) -> torch.Tensor:
+        return all_sum(x)
+
+    def microbatches(self, groups: list) -> list:
+        """[(rows, loss weight, gradient-sync context)] for one optimizer step's micro-batches (or one forward pass):
+         - weight N (see the class docstring);
+         - FSDP: every forward all-gathers weights, a collective, so every rank runs as many micro-batches as the
+           busiest one: the list is padded with repeats of its last group, of weight 0. (DDP only communicates on
+           the synced backward.)
+         - gradients cross ranks once per optimizer step: every micro-batch but the last runs under `no_sync`."""
+        n_real = len(groups)
+        if self.fsdp:
+            n = torch.tensor([n_real])
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            groups = groups + [groups[-1]] * (int(n) - n_real)
+        return [(group, float(self.world) if j < n_real else 0.0, nullcontext() if j == len(groups) - 1 else
+                 self.no_sync()) for j, group in enumerate(groups)]
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """Clip the gradients' global norm; returns it, before clipping, as a plain tensor (FSDP: the DTensor of the
+        shards' norms made whole)."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    @contextmanager
+    def no_sync(self):
+        """Accumulate this backward's gradients locally, without crossing ranks: DDP's no_sync, FSDP2's
+        set_requires_gradient_sync(False)."""
+        if not self.fsdp:
+            with self.module.no_sync():
+                yield
+            return
+        mods = _fsdp_modules(self.module)
+        for m in mods:
+            m.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.set_requires_gradient_sync(True, recurse=False)
 
 
 def shard_reference(reference, d: Dist):
@@ -197,21 +256,3 @@ def load_full_optimizer_state(policy, optimizer, optim_sd: dict):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(policy, optimizer, optim_state_dict=optim_sd,
                              options=StateDictOptions(full_state_dict=True))
-
-
-@contextmanager
-def no_sync(policy):
-    """Accumulate this backward's gradients locally, without crossing ranks (every micro-batch of an optimizer step
-    but the last): DDP's no_sync, FSDP2's set_requires_gradient_sync(False); nothing in a single process."""
-    if hasattr(policy, "no_sync"):
-        with policy.no_sync():
-            yield
-        return
-    mods = _fsdp_modules(policy) if initialized() else []
-    for m in mods:
-        m.set_requires_gradient_sync(False, recurse=False)
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.set_requires_gradient_sync(True, recurse=False)

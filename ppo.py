@@ -20,6 +20,13 @@ Implementation choices not in the paper (each a flag or a comment at the code):
     its last action token, observation tokens counted as time steps (`token_gae="trl"`, default; "skip" is
     veRL's GAE over action tokens only); `authors_reward_scaling` multiplies step t's reward by
     (n_steps − 1 − t), which zeroes the final IsSolved reward.
+Data parallel (torchrun, DDP or FSDP): ppo.py never imports distributed.py. ppo_update asks the policy for its
+`data_parallel` hooks; distributed.wrap attaches them under torchrun, and a plain module gets ONE_PROCESS, which does
+nothing. The hooks are three: `all_sum` (token counts and batch statistics summed over ranks), `microbatches` (each
+micro-batch with its loss weight and gradient-sync context: FSDP lock-step repeats weigh 0), `clip_grad_norm_` (the
+global norm, also when sharded). With them one update on N ranks equals one update on one rank.
+float16: autocast_dtype=torch.float16 gets a GradScaler that ppo_update creates (the loss is scaled before backward,
+the gradients unscaled before clipping); every other dtype runs with a disabled scaler, which is the identity.
 Shapes: B batch (episodes), T tokens, S steps, V vocabulary.
 """
 import time
@@ -28,8 +35,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from distributed import all_sum, lockstep, no_sync, world_size
 
 
 @dataclass
@@ -74,18 +79,30 @@ class PPOConfig:
     """the rollouts' sampling temperature: π is softmax(logits / T), the distribution that was sampled"""
 
 
-def masked_mean(x, mask):
-    """Mean over the masked elements of the whole batch, on every data-parallel rank (all_sum: identity alone)."""
+class OneProcess:
+    """ppo_update's data-parallel hooks in a single process: nothing to do. distributed.DataParallel has the same
+    three members for N ranks (see the contract); ppo_update uses `policy.data_parallel` when the policy has one."""
+    all_sum = staticmethod(lambda x: x)  # Σ over ranks of a token count or a batch statistic
+    # the micro-batches to run, each with its loss weight and its gradient-sync context
+    microbatches = staticmethod(lambda groups: [(group, 1.0, nullcontext()) for group in groups])
+    clip_grad_norm_ = staticmethod(torch.nn.utils.clip_grad_norm_)  # -> the global norm, before clipping
+
+
+ONE_PROCESS = OneProcess()
+
+
+def masked_mean(x, mask, all_sum=OneProcess.all_sum):
+    """Mean over the masked elements of the whole batch: on N ranks, of every rank's batch (all_sum over ranks)."""
     total, count = all_sum(torch.stack([torch.where(mask, x, 0.0).sum(), mask.sum().to(x.dtype)]))
     if not count > 0:  # NOTE: host sync; only used once per batch, never per micro-batch
         raise ValueError("masked_mean: the mask selects no element (no action tokens or steps in the batch?)")
     return total / count
 
 
-def masked_whiten(x, mask, shift_mean=True):
+def masked_whiten(x, mask, shift_mean=True, all_sum=OneProcess.all_sum):
     """(x − mean) / std over the masked elements of the whole batch; shift_mean=False adds the mean back."""
-    mean = masked_mean(x, mask)
-    out = (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask) + 1e-8)
+    mean = masked_mean(x, mask, all_sum)
+    out = (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask, all_sum) + 1e-8)
     return torch.where(mask, out if shift_mean else out + mean, 0.0)
 
 
@@ -176,29 +193,30 @@ def apply_kl_penalty(rewards, kl, beta, step_id=None):
     return rewards - beta * kl
 
 
-def _step_advantages(batch, values, rewards, kl, beta, cfg):
+def _step_advantages(batch, values, rewards, kl, beta, cfg, all_sum):
     r = apply_kl_penalty(rewards, kl, beta, batch["step_id"])  # (B, S)
     v = values_at(values, batch["step_start"] - 1)  # V(s_t): value head just before the step's first token
     adv, ret = step_gae(r, v, batch["step_mask"], cfg.gamma, cfg.lam)  # (B, S)
-    adv = masked_whiten(adv, batch["step_mask"]) if cfg.whiten else adv
+    adv = masked_whiten(adv, batch["step_mask"], all_sum=all_sum) if cfg.whiten else adv
     return [step_to_token(x, batch["step_id"], batch["action_mask"]) for x in (adv, ret)]
 
 
-def _token_advantages(batch, values, rewards, kl, beta, cfg):
+def _token_advantages(batch, values, rewards, kl, beta, cfg, all_sum):
     am = batch["action_mask"]
     r = place_step_rewards_on_tokens(rewards, batch["step_end"], batch["step_mask"], am.shape[1])
     r = apply_kl_penalty(r, kl, beta)  # (B, T)
     adv, ret = token_gae(r, state_values(values), am, cfg.gamma, cfg.lam, skip_masked=cfg.token_gae == "skip")
-    return (masked_whiten(adv, am) if cfg.whiten else adv), ret
+    return (masked_whiten(adv, am, all_sum=all_sum) if cfg.whiten else adv), ret
 
 
 ADVANTAGES = {"step": _step_advantages, "token": _token_advantages}
 
 
-def compute_advantages(batch, values, old_logprobs, ref_logprobs, cfg):
+def compute_advantages(batch, values, old_logprobs, ref_logprobs, cfg, all_sum=OneProcess.all_sum):
     """Rewards -> KL-penalised rewards -> GAE -> per-token advantages (B, T), returns (B, T), stats (tensors).
 
-    values (B, T) is the raw value-head output; old/ref_logprobs (B, T) (ref None = no reference)."""
+    values (B, T) is the raw value-head output; old/ref_logprobs (B, T) (ref None = no reference); all_sum makes the
+    whitening and the stats global over data-parallel ranks."""
     if cfg.advantage not in ADVANTAGES or cfg.token_gae not in ("trl", "skip"):
         raise ValueError(f"advantage must be one of {list(ADVANTAGES)}, token_gae trl|skip; got {cfg}")
     am, step_mask = batch["action_mask"], batch["step_mask"]
@@ -207,9 +225,10 @@ def compute_advantages(batch, values, old_logprobs, ref_logprobs, cfg):
     if cfg.authors_reward_scaling:
         rewards = authors_scaling(rewards, step_mask)
     beta = 0.0 if cfg.kl_in_loss else cfg.kl_coef
-    adv, ret = ADVANTAGES[cfg.advantage](batch, values.float(), rewards, kl, beta, cfg)
+    adv, ret = ADVANTAGES[cfg.advantage](batch, values.float(), rewards, kl, beta, cfg, all_sum)
     episode_return = batch["step_rewards"].where(step_mask, 0.0).sum(1)  # (B,)
-    stats = {"kl": masked_mean(kl, am), "reward": masked_mean(episode_return, torch.ones_like(episode_return).bool())}
+    every_episode = torch.ones_like(episode_return).bool()
+    stats = {"kl": masked_mean(kl, am, all_sum), "reward": masked_mean(episode_return, every_episode, all_sum)}
     return adv, ret, stats
 
 
@@ -269,18 +288,22 @@ def pack_microbatches(lengths, token_budget):
 
 
 def padding_fraction(lengths, microbatches):
+    """Share of the micro-batches' (rows × longest row) slots that are padding."""
+    real = sum(lengths[i] for mb in microbatches for i in mb)
     padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in microbatches)
-    return 1.0 - sum(lengths) / max(padded, 1)
+    return 1.0 - real / max(padded, 1)
 
 
-def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler=None, autocast_dtype=None,
-               device_type="cpu", on_step=None, generator=None):
+def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autocast_dtype=None, device_type="cpu",
+               generator=None):
     """One PPO iteration on a collated batch; policy(input_ids, attention_mask) -> (logits (B,T,V), values (B,T)),
     reference_logprobs_fn(input_ids, attention_mask) -> (B, T). Returns floats, read from the device once."""
     t0, dev = time.perf_counter(), batch["input_ids"].device
     am, att, ids = batch["action_mask"], batch["attention_mask"], batch["input_ids"]
     lengths = att.sum(1).tolist()  # one host read: right padding, row i is real on [0, lengths[i])
+    dp = getattr(policy, "data_parallel", ONE_PROCESS)  # N ranks: distributed.DataParallel (contract)
     autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype == torch.float16)  # float16 only (contract)
 
     def rows(mb):  # a micro-batch: its row indices and its own longest length (trim the shared padding)
         return torch.tensor(mb, device=dev), max(lengths[i] for i in mb)
@@ -289,7 +312,8 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler
     old_lp, values = torch.zeros(ids.shape, device=dev), torch.zeros(ids.shape, device=dev)  # (B, T)
     ref_lp = torch.zeros(ids.shape, device=dev) if reference_logprobs_fn else None
     with torch.no_grad():
-        for idx, L in map(rows, lockstep(policy, pack_microbatches(lengths, cfg.token_budget))[0]):
+        for mb, _, _ in dp.microbatches(pack_microbatches(lengths, cfg.token_budget)):
+            idx, L = rows(mb)
             with autocast:
                 logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
                 if ref_lp is not None:
@@ -298,27 +322,24 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler
     old_lp = batch["old_logprobs"].float() if cfg.use_sampling_logprobs else old_lp
 
     # (2) advantages and returns (B, T); the value loss applies where vmask is set
-    adv, ret, adv_stats = compute_advantages(batch, values, old_lp, ref_lp, cfg)
+    adv, ret, adv_stats = compute_advantages(batch, values, old_lp, ref_lp, cfg, dp.all_sum)
     old_v, vmask = state_values(values), value_mask(batch, cfg)
 
     # (3) epochs × shuffled mini-batches (one optimizer step each) × micro-batches (gradient accumulation)
-    # Data parallel (distributed.py): this rank holds B/N episodes. Token counts are summed over ranks and the loss
-    # is multiplied by N because DDP/FSDP average gradients: N ranks then take exactly the step one rank would.
-    gen, world = generator or torch.Generator().manual_seed(cfg.seed), world_size()
+    gen = generator or torch.Generator().manual_seed(cfg.seed)
     params = [p for group in optimizer.param_groups for p in group["params"]]  # what is stepped (FSDP: the shards)
-    sums, step, n_steps, skipped, real, padded = {}, {}, 0, 0, 0, 0
+    kept, packed, n_steps = [], [], 0  # kept: the statistics of the optimizer steps taken
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(len(lengths), generator=gen, device=gen.device).tolist()
         for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, len(perm)))]:
             mini_idx = torch.tensor(mini, device=dev)
-            n_tok, n_val = all_sum(torch.stack([am[mini_idx].sum(), vmask[mini_idx].sum()])).clamp(min=1)  # contract 4
+            n_tok, n_val = dp.all_sum(torch.stack([am[mini_idx].sum(), vmask[mini_idx].sum()])).clamp(min=1)
             micro = [[mini[j] for j in g] for g in pack_microbatches([lengths[i] for i in mini], cfg.token_budget)]
-            real, padded = real + sum(lengths[i] for i in mini), padded + sum(len(g) * rows(g)[1] for g in micro)
-            micro, n_real = lockstep(policy, micro)  # FSDP: as many forwards as the busiest rank; extras weigh 0
-            step = {"loss": 0.0}
-            for j, (idx, L) in enumerate(map(rows, micro)):
-                last, weight = j == len(micro) - 1, world if j < n_real else 0.0
-                with nullcontext() if last else no_sync(policy):  # gradients cross ranks once per optimizer step
+            packed += micro
+            sums = {}  # this optimizer step's statistics, summed over its micro-batches
+            for mb, weight, grad_sync in dp.microbatches(micro):
+                idx, L = rows(mb)
+                with grad_sync:
                     with autocast:
                         logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
                     new_lp, ent = token_logprobs(logits / cfg.temperature, ids[idx, :L], True,
@@ -326,32 +347,29 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, scaler
                     loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v.float()),
                                         old_v[idx, :L], ret[idx, :L], ent, am[idx, :L], cfg, n_tok,
                                         vmask[idx, :L], n_val, None if ref_lp is None else ref_lp[idx, :L])
-                    (scaler.scale(loss * weight) if scaler else loss * weight).backward()
-                for k, x in (st | {"loss": loss.detach()}).items() if j < n_real else ():
-                    step[k] = step.get(k, 0.0) + x
-            step = dict(zip(step, all_sum(torch.stack([torch.as_tensor(x, device=dev) for x in step.values()]))))
-            if scaler:
-                scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)  # global norm, before clipping
-            step["grad_norm"] = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+                    scaler.scale(loss * weight).backward()
+                if weight:  # weight 0: an FSDP lock-step repeat, not data
+                    sums = {k: sums.get(k, 0.0) + x for k, x in ({"loss": loss.detach()} | st).items()}
+            step = dict(zip(sums, dp.all_sum(torch.stack(list(sums.values())))))  # ...and over ranks
+            scaler.unscale_(optimizer)
+            step["grad_norm"] = dp.clip_grad_norm_(params, cfg.max_grad_norm)  # global norm, before clipping
             # Numerical guard, the one host sync per optimizer step: never apply a non-finite update. The loss and
             # the norm are global, so every rank takes the same decision.
-            if bool(torch.isfinite(step["grad_norm"]) & torch.isfinite(step["loss"])):
-                scaler.step(optimizer) if scaler else optimizer.step()
-                sums = {k: sums.get(k, 0.0) + x for k, x in step.items()}
-            else:
-                skipped += 1
-            if scaler:
+            finite = bool(torch.isfinite(step["grad_norm"]) & torch.isfinite(step["loss"]))
+            if finite:
+                scaler.step(optimizer)
                 scaler.update()
+                kept.append(step)
+            elif scaler.is_enabled():  # float16: back off on the global decision (an FSDP rank sees only its shard)
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
             optimizer.zero_grad(set_to_none=True)
             n_steps += 1
-            if on_step:
-                on_step()
 
-    # explained variance of the old values on the value targets: 1 − Var(G − V) / Var(G)
-    var = lambda x: masked_mean((x - masked_mean(x, vmask)) ** 2, vmask)  # noqa: E731
-    stats = {k: sums.get(k, float("nan")) / max(n_steps - skipped, 1) for k in step} | adv_stats
+    # (4) statistics: means over the steps taken, and the explained variance 1 − Var(G − V) / Var(G)
+    var = lambda x: masked_mean((x - masked_mean(x, vmask, dp.all_sum)) ** 2, vmask, dp.all_sum)  # noqa: E731
+    stats = {k: sum(s[k] for s in kept) / len(kept) if kept else float("nan") for k in step} | adv_stats
     stats["explained_variance"] = 1 - var(ret - old_v) / var(ret).clamp(min=1e-8)
     out = dict(zip(stats, torch.stack([torch.as_tensor(x, device=dev).float() for x in stats.values()]).tolist()))
-    return out | dict(skipped_steps=skipped, optimizer_steps=n_steps, padding_fraction=1 - real / max(padded, 1),
+    return out | dict(skipped_steps=n_steps - len(kept), optimizer_steps=n_steps,
+                      padding_fraction=padding_fraction(lengths, packed),
                       tokens_per_s=sum(lengths) * (1 + cfg.ppo_epochs) / (time.perf_counter() - t0))

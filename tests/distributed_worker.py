@@ -89,8 +89,10 @@ def main():
         save_file(initial, os.path.join(args.out, "initial.safetensors"))
         with open(os.path.join(args.out, "stats.json"), "w") as f:
             json.dump({"world": d.world, **stats}, f)
-    distributed.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # as train.py: once main's modules are gone (distributed.shutdown says why)
+        distributed.shutdown()

@@ -2,6 +2,7 @@
 import copy
 import math
 import random
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -342,39 +343,72 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_the_parameters_unchanged():
     assert all(p.grad is None for p in policy.parameters())
 
 
-class NoSyncPolicy(MockPolicy):
-    """Stands in for DistributedDataParallel: counts the micro-batches run under no_sync()."""
+class TwoIdenticalRanks(ppo.OneProcess):
+    """The data-parallel hooks as each of 2 ranks holding the same episodes sees them (DDP averages two equal
+    gradients: each rank's own): counts and statistics sum to twice, the loss weighs 2, and an FSDP-style lock-step
+    repeat of weight 0 ends every list. Counts the micro-batches run under each gradient-sync context."""
 
     def __init__(self):
-        super().__init__()
-        self.unsynced = 0
+        self.contexts = []
 
-    def no_sync(self):
-        policy = self
+    def all_sum(self, x):
+        return 2 * x
 
-        class Ctx:
-            def __enter__(self):
-                policy.unsynced += 1
+    def microbatches(self, groups):
+        groups = groups + [groups[-1]]  # the repeat
+        return [(g, 0.0 if j == len(groups) - 1 else 2.0, self.context("sync" if j == len(groups) - 1 else "local"))
+                for j, g in enumerate(groups)]
 
-            def __exit__(self, *exc):
-                return False
-        return Ctx()
-
-
-def test_ddp_style_policies_skip_the_gradient_all_reduce_on_all_but_the_last_microbatch():
-    policy, b = NoSyncPolicy(), bandit_batch(8)
-    cfg = PPOConfig(ppo_epochs=1, minibatches=2, token_budget=8)  # 8 tokens a row: one row per micro-batch
-    ppo.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.01), b, cfg)
-    assert policy.unsynced == 2 * (4 - 1)
+    @contextmanager
+    def context(self, name):
+        self.contexts.append(name)
+        yield
 
 
-@pytest.mark.parametrize("dtype,scaled", [(torch.bfloat16, False), (torch.float16, True)])
-def test_ppo_update_runs_under_autocast_with_and_without_a_grad_scaler(dtype, scaled):
-    policy, b = MockPolicy(), bandit_batch(4)
-    scaler = torch.amp.GradScaler("cpu") if scaled else None
-    stats = ppo.ppo_update(policy, torch.optim.Adam(policy.parameters(), lr=0.01), b,
-                           PPOConfig(ppo_epochs=1, minibatches=2), scaler=scaler, autocast_dtype=dtype)
-    assert stats["skipped_steps"] == 0 and math.isfinite(stats["pg_loss"])
+def test_an_update_through_two_identical_ranks_hooks_equals_the_one_process_update():
+    b, cfg, results = bandit_batch(8), PPOConfig(ppo_epochs=1, minibatches=2, token_budget=8), []
+    for dp in (None, TwoIdenticalRanks()):
+        policy = MockPolicy(seed=5)
+        if dp is not None:
+            policy.data_parallel = dp
+        stats = ppo.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.1), b, cfg)
+        results.append((torch.cat([p.detach().flatten() for p in policy.parameters()]), stats))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for k in ("loss", "pg_loss", "v_loss", "grad_norm", "kl", "reward", "explained_variance"):
+        assert results[1][1][k] == pytest.approx(results[0][1][k], rel=1e-6, abs=1e-7), k
+    # 8 tokens a row: one row per micro-batch, 4 per mini-batch and a repeat; the gradients cross ranks once per step
+    assert dp.contexts == 2 * (4 * ["local"] + ["sync"])
+
+
+def parameter_change(dtype, tiny_gradients=False, loss_scaling=True, monkeypatch=None):
+    policy, b = MockPolicy(seed=1), bandit_batch(4)
+    before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
+    cfg = PPOConfig(ppo_epochs=1, minibatches=1, max_grad_norm=1e9)
+    if tiny_gradients:  # V = 0 and rewards 1e-6, unwhitened: d loss / d logits ~ 1e-8, below float16's range
+        torch.nn.init.zeros_(policy.value.weight), torch.nn.init.zeros_(policy.value.bias)
+        b["step_rewards"] *= 1e-6
+        cfg = PPOConfig(ppo_epochs=1, minibatches=1, max_grad_norm=1e9, whiten=False, vf_coef=0.0)
+    if not loss_scaling:
+        scaler = torch.amp.GradScaler
+        monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scaler(device, enabled=False))
+    opt = torch.optim.SGD(policy.parameters(), lr=1e6 if tiny_gradients else 0.1)
+    stats = ppo.ppo_update(policy, opt, b, cfg, autocast_dtype=dtype)
+    assert stats["skipped_steps"] == 0
+    return torch.cat([p.detach().flatten() for p in policy.parameters()]) - before
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_update_under_autocast_moves_the_parameters_as_the_float32_update_does(dtype):
+    full = parameter_change(None)
+    torch.testing.assert_close(parameter_change(dtype), full, rtol=0, atol=1e-2 * full.abs().max().item())
+
+
+def test_float16_scales_the_loss_so_small_gradients_survive_the_half_precision_backward(monkeypatch):
+    full = parameter_change(None, tiny_gradients=True)
+    scaled = parameter_change(torch.float16, tiny_gradients=True)
+    torch.testing.assert_close(scaled, full, rtol=0, atol=1e-2 * full.abs().max().item())
+    unscaled = parameter_change(torch.float16, tiny_gradients=True, loss_scaling=False, monkeypatch=monkeypatch)
+    assert (unscaled - full).abs().max() > 0.1 * full.abs().max()  # without the scaler, gradients flush to zero
 
 
 def test_kl_in_the_loss_and_sampling_logprobs_flags_run_and_the_same_seed_gives_the_same_update():
