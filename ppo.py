@@ -20,13 +20,10 @@ Implementation choices not in the paper (each a flag or a comment at the code):
     its last action token, observation tokens counted as time steps (`token_gae="trl"`, default; "skip" is
     veRL's GAE over action tokens only); `authors_reward_scaling` multiplies step t's reward by
     (n_steps − 1 − t), which zeroes the final IsSolved reward.
-Data parallel (torchrun, DDP or FSDP): ppo.py never imports distributed.py. ppo_update asks the policy for its
-`data_parallel` hooks; distributed.wrap attaches them under torchrun, and a plain module gets ONE_PROCESS, which does
-nothing. The hooks are three: `all_sum` (token counts and batch statistics summed over ranks), `microbatches` (each
-micro-batch with its loss weight and gradient-sync context: FSDP lock-step repeats weigh 0), `clip_grad_norm_` (the
-global norm, also when sharded). With them one update on N ranks equals one update on one rank.
-float16: autocast_dtype=torch.float16 gets a GradScaler that ppo_update creates (the loss is scaled before backward,
-the gradients unscaled before clipping); every other dtype runs with a disabled scaler, which is the identity.
+Data parallel: ppo.py never imports distributed.py. Under torchrun distributed.wrap gives the policy three hooks,
+`policy.data_parallel`: all_sum (counts and batch statistics over ranks), microbatches (with loss weights and
+gradient-sync contexts), clip_grad_norm_ (the global norm); ONE_PROCESS, the default, does nothing.
+float16 autocast gets a GradScaler made by ppo_update; for any other dtype the scaler is disabled, the identity.
 Shapes: B batch (episodes), T tokens, S steps, V vocabulary.
 """
 import time
@@ -332,8 +329,7 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(len(lengths), generator=gen, device=gen.device).tolist()
         for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, len(perm)))]:
-            mini_idx = torch.tensor(mini, device=dev)
-            n_tok, n_val = dp.all_sum(torch.stack([am[mini_idx].sum(), vmask[mini_idx].sum()])).clamp(min=1)
+            n_tok, n_val = dp.all_sum(torch.stack([am[mini].sum(), vmask[mini].sum()])).clamp(min=1)  # contract 4
             micro = [[mini[j] for j in g] for g in pack_microbatches([lengths[i] for i in mini], cfg.token_budget)]
             packed += micro
             sums = {}  # this optimizer step's statistics, summed over its micro-batches
@@ -353,15 +349,13 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
             step = dict(zip(sums, dp.all_sum(torch.stack(list(sums.values())))))  # ...and over ranks
             scaler.unscale_(optimizer)
             step["grad_norm"] = dp.clip_grad_norm_(params, cfg.max_grad_norm)  # global norm, before clipping
-            # Numerical guard, the one host sync per optimizer step: never apply a non-finite update. The loss and
-            # the norm are global, so every rank takes the same decision.
+            # Numerical guard, the one host sync per optimizer step: never apply a non-finite update (global: the
+            # same decision on every rank; float16's loss scale follows it, as an FSDP rank sees only its shard).
             finite = bool(torch.isfinite(step["grad_norm"]) & torch.isfinite(step["loss"]))
             if finite:
                 scaler.step(optimizer)
-                scaler.update()
                 kept.append(step)
-            elif scaler.is_enabled():  # float16: back off on the global decision (an FSDP rank sees only its shard)
-                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+            scaler.update(None if finite else scaler.get_scale() / 2)  # / 2: GradScaler's default back-off
             optimizer.zero_grad(set_to_none=True)
             n_steps += 1
 
