@@ -178,7 +178,7 @@ class Attention(nn.Module):
         if cfg.model_type == "qwen3":                # per-head RMSNorm on q and k, before RoPE
             self.q_norm, self.k_norm = RMSNorm(self.D, cfg.rms_norm_eps), RMSNorm(self.D, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache):     # x (B, T, C); mask None (causal) or (B, 1, T, S) bool
+    def forward(self, x, cos, sin, mask, cache, prefix=None):   # x (B, T, C); mask None (causal) or (B, 1, T, S)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.H, self.D)
         k = self.k_proj(x).view(B, T, self.K, self.D)
@@ -189,6 +189,9 @@ class Attention(nn.Module):
         k = apply_rope(k.transpose(1, 2), cos, sin)                             # (B, K, T, D)
         if cache is not None:
             k, v = cache.write(self.layer, k, v)                                # (B, K, S, D) up to the new tokens
+        if prefix is not None:                       # one shared prefix (1, K, P, D), broadcast to every row
+            pk, pv = prefix.k[self.layer][:, :, :prefix.length], prefix.v[self.layer][:, :, :prefix.length]
+            k, v = torch.cat((pk.expand(B, -1, -1, -1), k), 2), torch.cat((pv.expand(B, -1, -1, -1), v), 2)
         # GQA: SDPA broadcasts each kv head over H/K query heads itself (enable_gqa), no repeat_kv copy
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.H != self.K)         # (B, H, T, D)
@@ -214,8 +217,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, prefix=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, prefix)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -244,10 +247,21 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden=False,
-                logits_to_keep=None):
+                logits_to_keep=None, prefix=None):
+        """input_ids (B, T) -> logits (B, T, V) [, final hidden (B, T, C)]. `cache`: continue each row's KV cache.
+        `prefix`: a one-row KVCache holding a prompt prefix all rows share, computed once (with grad, if enabled)
+        and broadcast: the rows are its continuations. `logits_to_keep`: index of the positions to project."""
         B, T = input_ids.shape
         dev, mask = input_ids.device, None
-        if cache is not None:
+        if prefix is not None:                       # every row continues the shared prefix of P tokens
+            m = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            P = prefix.length
+            if position_ids is None:
+                position_ids = P + (m.cumsum(1) - 1).clamp(min=0)
+            own = (torch.ones(T, T, dtype=torch.bool, device=dev).tril() & m[:, None, :]) | \
+                torch.eye(T, dtype=torch.bool, device=dev)                       # (B, T, T), see deviation 3
+            mask = torch.cat((prefix.valid[:, None, :P].expand(B, T, P), own), -1)[:, None]   # (B, 1, T, P + T)
+        elif cache is not None:
             m = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             if position_ids is None:                 # per-row positions continue where each row stopped
                 position_ids = (cache.next_pos[:, None] + m.cumsum(1) - 1).clamp(min=0)
@@ -271,7 +285,7 @@ class Transformer(nn.Module):
         cos, sin = emb.cos(), emb.sin()
         x = self.model.embed_tokens(input_ids)                                  # (B, T, C)
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+            x = block(x, cos, sin, mask, cache, prefix)
         if cache is not None:
             cache.advance(T, m)
         x = self.model.norm(x)                                                  # hidden: what lm_head sees
@@ -306,9 +320,11 @@ class PolicyWithValue(nn.Module):
 class KVCache:
     """Static cache written by index (deviation 4). Slot j of row b holds a real token iff valid[b, j]."""
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device="cpu", dtype=torch.float32):
-        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)                 # (L, B, K, S_max, D)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # One buffer per layer (L × (B, K, S_max, D)): a layer only ever writes its own, so a prefix cache filled
+        # with grad enabled can be read by later forwards without autograd seeing an in-place change.
+        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)   # (B, S_max)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)         # (B,) next RoPE position
         self.length, self.max_len = 0, max_len      # shared write pointer (python int: no sync)
@@ -329,17 +345,24 @@ class KVCache:
 
     def write(self, layer, k, v):                    # k, v (B, K, T, D) -> the layer's (B, K, S, D) views
         s, T = self.length, k.shape[2]
-        self.k[layer, :, :, s:s + T] = k
-        self.v[layer, :, :, s:s + T] = v
-        return self.k[layer, :, :, :s + T], self.v[layer, :, :, :s + T]
+        self.k[layer][:, :, s:s + T] = k
+        self.v[layer][:, :, s:s + T] = v
+        return self.k[layer][:, :, :s + T], self.v[layer][:, :, :s + T]
 
     def advance(self, T, m):
         self.length += T
         self.next_pos += m.sum(1)
 
+    def fill_from(self, prefix: "KVCache"):
+        """Start every row with the one-row cache `prefix` (a prompt prefix all rows share, computed once)."""
+        P = prefix.length
+        for k, v, pk, pv in zip(self.k, self.v, prefix.k, prefix.v):
+            k[:, :, :P], v[:, :, :P] = pk[:, :, :P], pv[:, :, :P]               # (1, K, P, D) broadcast over B
+        self.valid[:, :P], self.next_pos[:], self.length = prefix.valid[:, :P], prefix.next_pos, P
+
     def keep(self, rows: torch.Tensor):
         """Keep only these batch rows (finished episodes leave the batch)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self.k, self.v = [k[rows] for k in self.k], [v[rows] for v in self.v]
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]
 
 

@@ -186,10 +186,21 @@ class RolloutConfig:
     temperature: float = 1.0         # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
+    shared_prefix: bool = True       # compute the prompt prefix all episodes share once per batch (exact; speed)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Policies: a model with a KV cache, or a script. Both produce token ids for every live episode.
+
+
+def shared_prefix_len(rows: list[list[int]], min_len: int = 16) -> int:
+    """Length of the token prefix every row shares (the system prompt, when every task shows the same tools), at
+    most each row's length − 1 so every row keeps a token of its own; 0 if shorter than min_len (not worth it)."""
+    n = min(map(len, rows)) - 1
+    first = rows[0]
+    for row in rows[1:]:
+        n = next((i for i in range(n) if row[i] != first[i]), n)
+    return n if n >= min_len else 0
 
 
 class ModelPolicy:
@@ -206,7 +217,12 @@ class ModelPolicy:
         per_step = self.cfg.max_action_tokens + self.cfg.max_obs_tokens + 16
         slots = max(map(len, prompts)) + self.cfg.max_steps * per_step
         self.cache = KVCache(self.model.config, len(prompts), slots, p.device, p.dtype)
-        self.last_logits = extend(self.model, self.cache, prompts)             # (B, V)
+        P = shared_prefix_len(prompts) if self.cfg.shared_prefix else 0
+        if P:                                        # the system prompt once, copied into every row
+            prefix = KVCache(self.model.config, 1, P, p.device, p.dtype)
+            extend(self.model, prefix, [prompts[0][:P]])
+            self.cache.fill_from(prefix)
+        self.last_logits = extend(self.model, self.cache, [q[P:] for q in prompts])      # (B, V)
 
     def act(self, episodes, budgets):
         return decode(self.model, self.cache, self.last_logits, torch.tensor(budgets), self.stop_ids,

@@ -1,6 +1,7 @@
-"""The warm start: a tokenizer and a tiny model trained from scratch by SFT on scripted-expert trajectories.
+"""The warm start: SFT on scripted-expert trajectories, of a tiny model trained from scratch (with its own
+tokenizer) or of a pretrained checkpoint (--model, e.g. SmolLM2, through LoRA).
 
-Who calls it: train.py (`warm_start`), when no --model is given. The paper also starts RL from an SFT model
+Who calls it: train.py (`warm_start`) before evaluation and RL. The paper also starts RL from an SFT model
 (ToolLLaMA); here the SFT model is also the "SFT alone" baseline of the results table.
 
 Why a module of its own: train.py is the RL loop; building a tokenizer and running supervised training would double
@@ -10,7 +11,7 @@ Choices:
  1. The expert's trajectories go through the *same* rollout loop as the policy (ScriptedPolicy), so SFT sequences
     are tokenised exactly like RL sequences: same template, same observation tokens, same masks.
  2. The loss is token-mean cross-entropy on action tokens only (prompt and observations are context).
- 3. The tokenizer is a byte-level BPE with digits split one by one and spaces as tokens of their own, so a name
+ 3. The from-scratch tokenizer is a byte-level BPE with digits split one by one and spaces as tokens of their own, so a name
     or a number is the same token sequence wherever it appears: copying a value from the query or an earlier
     observation into an argument — the skill multi-step tool use needs most — is then plain copying.
 """
@@ -26,10 +27,10 @@ import torch
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from model import ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained
+from model import ModelConfig, Tokenizer, Transformer, add_lora, load_pretrained, save_pretrained
 from ppo import pack_microbatches, token_logprobs
 from rollout import TEMPLATES, ScriptedPolicy, collate, rollout, system_prompt
-from tools import Environment, Expert, FaultConfig, expert_episode, make_tasks, suite_fingerprint
+from tools import Environment, Expert, FaultConfig, expert_episode
 
 
 def train_tokenizer(texts, vocab_size: int, template: str) -> Tokenizer:
@@ -62,57 +63,72 @@ def corpus(env, tasks, template: str, schema_format: str = "compact"):
                 yield t.observation.format(observation=result.text)
 
 
-def sft_hash(cfg) -> str:
+def sft_hash(cfg, suite) -> str:
     """Everything the warm start depends on; a run with the same values reuses the cached SFT model."""
-    keys = ["sft_seed", "template", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-            "intermediate_size", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "sft_fault_rate"]
+    keys = ["model", "sft_seed", "template", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "sft_schedule",
+            "sft_fault_rate"]
+    keys += ["lora", "lora_r", "lora_alpha", "dtype"] if cfg.model else \
+        ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"]
     shape = {k: getattr(cfg.rollout, k) for k in ("template", "schema_format", "max_steps", "max_action_tokens",
                                                  "max_total_tokens", "max_obs_tokens")}   # not sampling settings
     blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, **shape, "token_budget": cfg.ppo.token_budget,
-                       "suite": suite_fingerprint()}, sort_keys=True)
+                       "suite": suite.fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def demonstration_env(cfg) -> Environment:
+def demonstration_env(cfg, suite) -> Environment:
     """The tools the expert's demonstrations are recorded against. They fail at --sft-fault-rate, not --fault-rate:
     by default (0) a run with faults starts from the same SFT model as a clean run. With faults the expert retries
     failed calls, and the model trained on its demonstrations learns to retry."""
-    return Environment(FaultConfig(rate=cfg.sft_fault_rate, seed=cfg.sft_seed) if cfg.sft_fault_rate > 0 else None)
+    return suite.environment(FaultConfig(rate=cfg.sft_fault_rate, seed=cfg.sft_seed) if cfg.sft_fault_rate > 0
+                             else None)
 
 
-def warm_start(cfg, rollout_cfg, device, dtype, log=print):
-    """Return (model, tokenizer) of the SFT warm start, training it (and caching it) if needed."""
-    env = demonstration_env(cfg)
-    cache_dir = os.path.join(cfg.cache_dir, f"sft-{sft_hash(cfg)}")
+def warm_start(cfg, suite, model_dir: str, device, log=print):
+    """Return (model, tokenizer) of the SFT warm start, training it (and caching it) if needed.
+
+    From scratch (model_dir ""): a tokenizer and a tiny Llama trained on the suite's demonstrations. From a
+    pretrained checkpoint: its own tokenizer and chat template, fine-tuned through LoRA (--lora auto/on) or fully
+    (--lora off); the adapters are merged before caching, so the cached model is a plain checkpoint and the RL phase
+    adds fresh adapters on top of it (its reference policy is then this SFT model, as in the paper)."""
+    cache_dir = os.path.join(cfg.cache_dir, f"sft-{sft_hash(cfg, suite)}")
     if os.path.exists(os.path.join(cache_dir, "config.json")):
         log(f"SFT warm start: cached at {cache_dir}")
-        return load_pretrained(cache_dir, device=device, dtype=dtype)
+        return load_pretrained(cache_dir, device=device)
     t0 = time.time()
-    tasks = make_tasks("train", cfg.sft_tasks, seed=cfg.sft_seed)
-    tokenizer = train_tokenizer(corpus(env, tasks, cfg.template, rollout_cfg.schema_format), cfg.vocab_size,
-                                cfg.template)
-    config = ModelConfig(
-        model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=max(2048, rollout_cfg.max_total_tokens), tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    torch.manual_seed(cfg.sft_seed)
-    model = Transformer(config).to(device=device, dtype=dtype)
+    env = demonstration_env(cfg, suite)
+    tasks = suite.tasks("sft", cfg.sft_tasks, seed=cfg.sft_seed)
+    if model_dir:
+        model, tokenizer = load_pretrained(model_dir, device=device)
+        if cfg.lora != "off":
+            add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    else:
+        tokenizer = train_tokenizer(corpus(env, tasks, cfg.template, cfg.rollout.schema_format), cfg.vocab_size,
+                                    cfg.template)
+        config = ModelConfig(
+            model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=max(2048, cfg.rollout.max_total_tokens), tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+        torch.manual_seed(cfg.sft_seed)
+        model = Transformer(config).to(device=device)
     # Expert demonstrations, through the same rollout loop and tokenisation as RL.
     episodes = []
     for i in range(0, len(tasks), 256):
-        policy = ScriptedPolicy(Expert(), tokenizer, rollout_cfg)
-        episodes += rollout(policy, tasks[i:i + 256], env, tokenizer, rollout_cfg)
+        policy = ScriptedPolicy(Expert(), tokenizer, cfg.rollout)
+        episodes += rollout(policy, tasks[i:i + 256], env, tokenizer, cfg.rollout)
     sft_train(model, episodes, tokenizer.pad_id, cfg, device, log)
     model.eval()
-    save_pretrained(model, tokenizer, cache_dir)
+    save_pretrained(model, tokenizer, cache_dir)          # LoRA merged into the weights
     log(f"SFT warm start: {len(episodes)} expert episodes, {time.time() - t0:.0f}s, saved to {cache_dir}")
-    return model, tokenizer
+    return load_pretrained(cache_dir, device=device) if model_dir else (model, tokenizer)
 
 
 def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
-    """Token-mean cross-entropy on action tokens, AdamW with linear warm-up and cosine decay."""
+    """Token-mean cross-entropy on action tokens, AdamW (β2 0.95), linear warm-up, then a cosine decay to zero
+    (`--sft-schedule cosine`, the from-scratch model) or a constant rate (`constant`: a pretrained model with LoRA
+    learns the format in a few dozen steps; with the cosine schedule at 5e-4 it was still at loss 1.49 after 40)."""
     lengths = [len(ep.token_ids) for ep in episodes]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
@@ -120,21 +136,24 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
     batches_per_epoch = math.ceil(len(episodes) / cfg.sft_batch)
     total = cfg.sft_epochs * batches_per_epoch
     warmup = max(1, total // 20)
+    autocast = torch.autocast(torch.device(device).type, dtype=getattr(torch, cfg.dtype),
+                              enabled=cfg.dtype != "float32")
     model.train()
     bar = tqdm(total=total, desc="sft", leave=False)
     for epoch in range(cfg.sft_epochs):
         order = torch.randperm(len(episodes), generator=gen).tolist()
         for b in range(batches_per_epoch):
             step = epoch * batches_per_epoch + b
-            lr = cfg.sft_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / total))
+            decay = 1.0 if cfg.sft_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / total))
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = cfg.sft_lr * min(1.0, (step + 1) / warmup) * decay
             idx = order[b * cfg.sft_batch:(b + 1) * cfg.sft_batch]
             n_action = sum(sum(episodes[i].action_mask) for i in idx)
             loss_sum = 0.0
             for mb in pack_microbatches([lengths[i] for i in idx], cfg.ppo.token_budget):
                 batch = collate([episodes[idx[j]] for j in mb], pad_id, device)
-                logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])      # (b, T, V)
+                with autocast:
+                    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (b, T, V)
                 logp = token_logprobs(logits, batch["input_ids"])                             # (b, T)
                 loss = -(logp * batch["action_mask"]).sum() / n_action
                 loss.backward()

@@ -42,7 +42,9 @@ from model import PolicyWithValue, ValueHead, add_lora, load_pretrained, lora_di
 from ppo import PPOConfig, ppo_update, token_logprobs
 from rewards import CONTRIBUTIONS, REWARDS, RewardConfig
 from rollout import ModelPolicy, RolloutConfig, collate, episode_metrics, evaluate, rollout
-from tools import Environment, FaultConfig, load_toolbench, make_tasks
+from gguf_import import resolve_model
+from tools import FaultConfig, load_toolbench, make_suite
+from tools.tasks import SUITES
 
 
 @dataclass
@@ -52,7 +54,11 @@ class Config:
     out: str = "runs/default"
     """Run directory: config.json, metrics.jsonl, checkpoints, final model."""
     model: str = ""
-    """A Hugging Face checkpoint directory to start from. Empty: train a tiny model from scratch by SFT."""
+    """Start from a pretrained model: "smollm2" (SmolLM2-135M-Instruct, fetched and imported into --cache-dir on
+    first use) or a Hugging Face checkpoint directory. Empty: a tiny model trained from scratch."""
+    suite: str = "tiny"
+    """Task suite: tiny (small world, (entity, template) splits, for the from-scratch model) or large
+    (entity-disjoint splits, fixed unique val/test lists, one system prompt for all tasks)."""
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -60,7 +66,7 @@ class Config:
     resume: bool = False
     """Continue from the newest checkpoint in --out."""
     eval_only: bool = False
-    """Only evaluate --model (or the SFT warm start) on the test split."""
+    """Only evaluate on the test split: --model as it is (never fine-tuned), or the tiny model's SFT warm start."""
     tasks: str = ""
     """Evaluate on other tasks: "toolbench:PATH.json" (a ToolBench query file through the mocked-API import)."""
     offline_data: str = ""
@@ -68,10 +74,13 @@ class Config:
     # --- the task suite
     n_val: int = 90
     n_test: int = 150
+    train_tasks: int = 4000
+    """Size of the pool of RL training tasks the iterations sample from."""
     fault_rate: float = 0.0
     """Fraction of tool calls that fail with an injected fault (timeout, server error, malformed body, ...)."""
-    # --- the from-scratch warm start (sft.py)
+    # --- the warm start (sft.py): SFT on expert demonstrations, cached
     cache_dir: str = "runs/cache"
+    """Where SFT warm starts and imported models (--model smollm2) are cached."""
     template: str = "chatml"
     vocab_size: int = 2048
     hidden_size: int = 128
@@ -82,9 +91,12 @@ class Config:
     sft_seed: int = 0
     """Seed of the warm start, separate from --seed so RL seeds share one SFT model (as the paper's runs do)."""
     sft_tasks: int = 4800
+    """Expert demonstrations for the warm start; 0 with --model: start RL from the checkpoint as it is."""
     sft_epochs: int = 2
     sft_batch: int = 8
     sft_lr: float = 1e-3
+    sft_schedule: str = "cosine"
+    """cosine (decay to zero, from scratch) | constant (a pretrained model with LoRA)."""
     sft_fault_rate: float = 0.0
     """Fault rate of the tools the expert's demonstrations are recorded against; the expert retries failed calls."""
     # --- LoRA (pretrained models)
@@ -118,8 +130,8 @@ class Config:
 
 PRESETS = {
     "default": dict(ppo_epochs=2, temperature=0.7, kl_coef=0.1),
-    "smoke": dict(out="runs/smoke", n_val=12, n_test=18, vocab_size=512, hidden_size=64, num_layers=2, num_heads=2,
-                  num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2, episodes_per_iter=8,
+    "smoke": dict(out="runs/smoke", n_val=12, n_test=18, train_tasks=400, vocab_size=512, hidden_size=64,
+                  num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2, episodes_per_iter=8,
                   rollout_batch=8, eval_every=1, max_steps=4, max_action_tokens=48, max_total_tokens=640,
                   ppo_epochs=1),
 }
@@ -205,7 +217,11 @@ def validate(cfg: Config):
         (cfg.ppo.advantage in ("step", "token"), f"--advantage must be step or token (got {cfg.ppo.advantage!r})"),
         (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),
         (cfg.lora in ("auto", "on", "off"), f"--lora must be auto, on or off (got {cfg.lora!r})"),
-        (not cfg.model or os.path.isdir(cfg.model), f"--model {cfg.model}: no such directory"),
+        (not cfg.model or cfg.model == "smollm2" or os.path.isdir(cfg.model),
+         f"--model {cfg.model}: no such directory (or use --model smollm2)"),
+        (cfg.suite in SUITES, f"--suite must be one of {sorted(SUITES)} (got {cfg.suite!r})"),
+        (cfg.sft_schedule in ("cosine", "constant"), f"--sft-schedule must be cosine or constant"),
+        (cfg.sft_tasks >= 0 and (cfg.sft_tasks > 0 or cfg.model), "--sft-tasks must be > 0 without --model"),
     ]
     for ok, message in checks:
         if not ok:
@@ -275,22 +291,23 @@ def main(cfg: Config) -> dict:
     log = Logger(cfg.out) if d.main else (lambda record: None)
 
     # --- tools and tasks: the same task suite for every seed, so methods and seeds are compared on the same split
-    faults = FaultConfig(rate=cfg.fault_rate, seed=cfg.seed) if cfg.fault_rate > 0 else None
-    env = Environment(faults=faults)
-    val_tasks = make_tasks("val", cfg.n_val, seed=0)
-    test_tasks = make_tasks("test", cfg.n_test, seed=0)
-    train_tasks = make_tasks("train", 4000 if cfg.preset == "default" else 400, seed=1)
+    suite = make_suite(cfg.suite)
+    env = suite.environment(FaultConfig(rate=cfg.fault_rate, seed=cfg.seed) if cfg.fault_rate > 0 else None)
+    val_tasks = suite.tasks("val", cfg.n_val, seed=0)
+    test_tasks = suite.tasks("test", cfg.n_test, seed=0)
+    train_tasks = suite.tasks("train", cfg.train_tasks, seed=1)
 
-    # --- model: warm start or a given checkpoint; weights stay float32, --dtype picks autocast
-    if cfg.model:
-        model, tokenizer = load_pretrained(cfg.model, device=device)
+    # --- model: the SFT warm start (cached), or a checkpoint as it is; weights stay float32, --dtype picks autocast
+    if not d.main:                        # rank 0 imports / trains and caches while the others wait; then they load
+        distributed.barrier(d)
+    model_dir = resolve_model(cfg.model, cfg.cache_dir, log=say) if cfg.model else ""
+    if model_dir and (cfg.eval_only or cfg.sft_tasks == 0 or cfg.offline_data):
+        model, tokenizer = load_pretrained(model_dir, device=device)
     else:
         from sft import warm_start
-        if not d.main:                    # rank 0 trains and caches it while the others wait; then they load it
-            distributed.barrier(d)
-        model, tokenizer = warm_start(cfg, cfg.rollout, device, torch.float32, log=say)
-        if d.main:
-            distributed.barrier(d)
+        model, tokenizer = warm_start(cfg, suite, model_dir, device, log=say)
+    if d.main:
+        distributed.barrier(d)
     use_lora = cfg.lora == "on" or (cfg.lora == "auto" and bool(cfg.model))
     if use_lora:
         add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
@@ -322,7 +339,7 @@ def main(cfg: Config) -> dict:
         return {"test": metrics, "judged_pass_rate": passed, "judged": len(judged),
                 "unjudged": len(episodes) - len(judged)}
     sft_val, _ = evaluate_all(val_tasks, progress=True)
-    sft_test, _ = evaluate_all(test_tasks, progress=True)
+    sft_test, sft_episodes = evaluate_all(test_tasks, progress=True)
     say(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
 
     # --- policy + critic (one module, one forward) and the reference policy; resumed weights go in before sharding
@@ -426,12 +443,16 @@ def main(cfg: Config) -> dict:
         save(iteration=it)
 
     model.eval()
-    final_test, _ = evaluate_all(test_tasks, progress=True)
+    final_test, final_episodes = evaluate_all(test_tasks, progress=True)
     save(path=os.path.join(cfg.out, "final"))
     name = "StepTool" if cfg.reward == "step" else "PPO (final reward)"
     table = results_table({"SFT": sft_test, name: final_test})
     say("\nTest split (pass rate = Solved fraction; recall = relevant tools called)\n" + table)
-    result = {"sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history}
+    # Per-task IsSolved on the same test list, for paired statistics across methods and seeds (experiment.py)
+    outcomes = lambda episodes: {ep.task.id: ep.solved for ep in episodes}  # noqa: E731
+    result = {"sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history,
+              "config": asdict(cfg), "test_task_groups": {t.id: t.group for t in test_tasks},
+              "sft_test_outcomes": outcomes(sft_episodes), "test_outcomes": outcomes(final_episodes)}
     if d.main:
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)

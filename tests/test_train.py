@@ -137,14 +137,15 @@ def test_a_200_iteration_soak_run_does_not_grow_resident_memory(tmp_path, cache,
 
 def test_sft_demonstrations_can_be_recorded_under_faults_and_then_show_retries():
     from sft import demonstration_env, sft_hash
-    from tools import expert_episode, make_tasks
+    from tools import expert_episode, make_suite
     from train import parse_config
     clean, faulty = parse_config(["--preset", "smoke"]), parse_config(["--preset", "smoke", "--sft-fault-rate", "0.5"])
-    assert sft_hash(clean) != sft_hash(faulty)             # a separate cached warm start
-    tasks = make_tasks("train", 40, seed=0)
-    env = demonstration_env(clean)
+    suite = make_suite("tiny")
+    assert sft_hash(clean, suite) != sft_hash(faulty, suite)             # a separate cached warm start
+    tasks = suite.tasks("sft", 40, seed=0)
+    env = demonstration_env(clean, suite)
     assert not any(r.fault for t in tasks for _, r in expert_episode(t, env) if r is not None)
-    env, faults, retries = demonstration_env(faulty), 0, 0
+    env, faults, retries = demonstration_env(faulty, suite), 0, 0
     for task in tasks:
         history = expert_episode(task, env)
         for (action, result), (next_action, _) in zip(history, history[1:]):
