@@ -289,7 +289,12 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T, m)
         x = self.model.norm(x)                                                  # hidden: what lm_head sees
-        logits = self.lm_head(x if logits_to_keep is None else x[:, logits_to_keep])   # (B, T, V)
+        if logits_to_keep is None:
+            logits = self.lm_head(x)                                            # (B, T, V)
+        elif isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
+            logits = self.lm_head(x[logits_to_keep])                            # (N, V): only the selected positions
+        else:
+            logits = self.lm_head(x[:, logits_to_keep])                         # (B, T', V)
         return (logits, x) if return_hidden else logits
 
 
@@ -310,10 +315,40 @@ class PolicyWithValue(nn.Module):
         super().__init__()
         self.model, self.value_head, self.detach_critic = model, value_head, detach_critic
 
-    def forward(self, input_ids, attention_mask=None):
-        logits, hidden = self.model(input_ids, attention_mask=attention_mask, return_hidden=True)
+    def forward(self, input_ids, attention_mask=None, prefix_len=0, logits_at=None):
+        """-> logits (B, T, V), or (N, V) at the positions logits_at (B, T) selects; values (B, T) float32.
+        prefix_len: see forward_with_prefix."""
+        logits, hidden = forward_with_prefix(self.model, input_ids, attention_mask, prefix_len, logits_at)
         # detach_critic: the value loss trains the head only, never the shared trunk (the policy's features).
-        return logits, self.value_head(hidden.detach() if self.detach_critic else hidden)   # (B,T,V), (B,T) f32
+        return logits, self.value_head(hidden.detach() if self.detach_critic else hidden)
+
+
+def forward_with_prefix(model, input_ids, attention_mask=None, prefix_len=0, logits_at=None):
+    """The training forward -> (logits, final hidden (B, T, C)). Two savings, both exact:
+    - prefix_len P > 0: the first P tokens are the same in every row (the system prompt); they run once, as a one-row
+      prefix every row continues from (with gradient: adapters that shape the prefix get exactly the summed gradient
+      of every row). Hidden states over the prefix come back as zeros (never read: no action token lies in it).
+    - logits_at (B, T) bool: the LM head (V × C, a fifth of SmolLM2's FLOPs) runs only there -> logits (N, V)."""
+    if not prefix_len:
+        return model(input_ids, attention_mask, return_hidden=True, logits_to_keep=logits_at)
+    P, weight = prefix_len, model.model.embed_tokens.weight
+    prefix = KVCache(model.config, 1, P, input_ids.device, weight.dtype)
+    model(input_ids[:1, :P], cache=prefix, logits_to_keep=slice(0, 0))               # (1, P) into the cache
+    rest = None if attention_mask is None else attention_mask[:, P:]
+    logits, hidden = model(input_ids[:, P:], rest, prefix=prefix, return_hidden=True,
+                           logits_to_keep=None if logits_at is None else logits_at[:, P:])
+    if logits_at is None:
+        logits = F.pad(logits, (0, 0, P, 0))                                            # (B, T, V)
+    return logits, F.pad(hidden, (0, 0, P, 0))                                          # (B, T, C)
+
+
+def store_frozen_weights_in(model, dtype):
+    """Keep the frozen base weights in `dtype` (bfloat16 under LoRA): half the memory and KV cache, and autocast no
+    longer casts them at every forward. Trainable weights (adapters) stay float32."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model
 
 
 # ------------------------------------------------------------------------------------------ KV cache + sampling

@@ -58,6 +58,8 @@ class PPOConfig:
     """optimizer steps per epoch (authors: batch 8, mini-batch 2 -> 4)"""
     token_budget: int = 4096
     """max padded tokens (rows x longest row) per micro-batch; bounds activation memory"""
+    action_logits_only: bool = True
+    """run the LM head only at positions that predict an action token (exact; a speed switch)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
     advantage: str = "step"
@@ -103,12 +105,21 @@ def masked_whiten(x, mask, shift_mean=True, all_sum=OneProcess.all_sum):
     return torch.where(mask, out if shift_mean else out + mean, 0.0)
 
 
-def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chunk=None):
+def predictors(targets):
+    """(B, T) bool: the tokens to score -> (B, T) bool: the positions whose logits predict them (see below)."""
+    return F.pad(targets[:, 1:], (0, 1))
+
+
+def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chunk=None, targets=None):
     """log π(input_ids[:, t] | input_ids[:, <t]) for t ≥ 1, 0 at t = 0: (B, T) [and entropy H (B, T)]. Gather minus
-    logsumexp, `chunk` positions at a time in float32: never a float32 (B, T, V) log-softmax."""
+    logsumexp, `chunk` positions at a time in float32: never a float32 (B, T, V) log-softmax.
+    With `targets` (B, T) bool, logits are (N, V), computed only at the N positions `predictors(targets)` selects
+    (row-major order, model.forward_with_prefix(logits_at=...)); tokens outside targets get 0."""
+    if targets is not None:
+        return _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk)
     B, T, V = logits.shape
     chunk = chunk or max(1, 2**25 // (B * V))  # ~128 MB of float32 per chunk
-    # THE logits shift, the only one in the project: logits at t−1 predict token t; position 0 has none.
+    # THE logits shift: logits at t−1 predict token t; position 0 has none (`predictors` is the same shift).
     pred, target = logits[:, :-1], input_ids[:, 1:]  # (B, T−1, V), (B, T−1)
     lps, ents = [torch.zeros(B, 1, device=logits.device)], [torch.zeros(B, 1, device=logits.device)]
     for i in range(0, T - 1, chunk):
@@ -120,6 +131,25 @@ def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chu
                 ents.append(lse - (lf.softmax(-1) * lf).sum(-1))  # H = logsumexp(z) − Σ p·z
     lp = torch.cat(lps, 1)  # (B, T)
     return (lp, torch.cat(ents, 1)) if with_entropy else lp
+
+
+def _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk):
+    scored = F.pad(targets[:, 1:], (1, 0))  # (B, T): the targets, position 0 excepted (nothing predicts it)
+    y = input_ids[scored]  # (N,): the n-th predicted token, in the order of predictors(targets)
+    chunk = chunk or max(1, 2**25 // logits.shape[-1])
+    lps, ents = [], []
+    for i in range(0, len(y), chunk):
+        lf = logits[i:i + chunk].float()  # (c, V)
+        lse = lf.logsumexp(-1)
+        lps.append(lf.gather(-1, y[i:i + chunk, None]).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ents.append(lse - (lf.softmax(-1) * lf).sum(-1))
+    zeros = torch.zeros(scored.shape, device=logits.device)
+    lp = zeros.masked_scatter(scored, torch.cat(lps)) if lps else zeros  # (B, T)
+    if not with_entropy:
+        return lp
+    return lp, zeros.masked_scatter(scored, torch.cat(ents)) if ents else zeros
 
 
 def step_gae(rewards, values, step_mask, gamma, lam):
@@ -293,11 +323,13 @@ def padding_fraction(lengths, microbatches):
 
 def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autocast_dtype=None, device_type="cpu",
                generator=None):
-    """One PPO iteration on a collated batch; policy(input_ids, attention_mask) -> (logits (B,T,V), values (B,T)),
-    reference_logprobs_fn(input_ids, attention_mask) -> (B, T). Returns floats, read from the device once."""
+    """One PPO iteration on a collated batch. policy(input_ids, attention_mask, prefix_len, logits_at) -> (logits
+    (B, T, V) or (N, V) at logits_at, values (B, T)) as model.PolicyWithValue; reference_logprobs_fn(input_ids,
+    attention_mask, prefix_len, targets) -> log π_ref (B, T). Returns floats, read from the device once."""
     t0, dev = time.perf_counter(), batch["input_ids"].device
     am, att, ids = batch["action_mask"], batch["attention_mask"], batch["input_ids"]
     lengths = att.sum(1).tolist()  # one host read: right padding, row i is real on [0, lengths[i])
+    P = batch.get("prefix_len", 0)  # tokens every row shares (the system prompt): one forward per micro-batch
     dp = getattr(policy, "data_parallel", ONE_PROCESS)  # N ranks: distributed.DataParallel (contract)
     autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype == torch.float16)  # float16 only (contract)
@@ -305,17 +337,27 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
     def rows(mb):  # a micro-batch: its row indices and its own longest length (trim the shared padding)
         return torch.tensor(mb, device=dev), max(lengths[i] for i in mb)
 
+    def forward(idx, L, with_entropy=False):  # -> log π (b, L) [, entropy (b, L)], V (b, L) of micro-batch rows
+        targets = am[idx, :L] if cfg.action_logits_only else None  # None: the LM head at every position
+        logits, v = policy(ids[idx, :L], att[idx, :L], prefix_len=P,
+                           logits_at=None if targets is None else predictors(targets))
+        out = token_logprobs(logits / cfg.temperature, ids[idx, :L], with_entropy, cfg.ent_coef > 0, targets=targets)
+        return (*out, v.float()) if with_entropy else (out, v.float())
+
+    def pack(rows_):  # micro-batches by the tokens a forward really processes (the shared prefix counts once)
+        return pack_microbatches([lengths[i] - P for i in rows_], cfg.token_budget)
+
     # (1) π_old, V_old and π_ref under no grad, micro-batch by micro-batch
     old_lp, values = torch.zeros(ids.shape, device=dev), torch.zeros(ids.shape, device=dev)  # (B, T)
     ref_lp = torch.zeros(ids.shape, device=dev) if reference_logprobs_fn else None
     with torch.no_grad():
-        for mb, _, _ in dp.microbatches(pack_microbatches(lengths, cfg.token_budget)):
+        for mb, _, _ in dp.microbatches(pack(range(len(lengths)))):
             idx, L = rows(mb)
             with autocast:
-                logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
+                old_lp[idx, :L], values[idx, :L] = forward(idx, L)
                 if ref_lp is not None:
-                    ref_lp[idx, :L] = reference_logprobs_fn(ids[idx, :L], att[idx, :L]).float()
-            old_lp[idx, :L], values[idx, :L] = token_logprobs(logits / cfg.temperature, ids[idx, :L]), v.float()
+                    ref_lp[idx, :L] = reference_logprobs_fn(ids[idx, :L], att[idx, :L], prefix_len=P,
+                                                            targets=am[idx, :L] if cfg.action_logits_only else None)
     old_lp = batch["old_logprobs"].float() if cfg.use_sampling_logprobs else old_lp
 
     # (2) advantages and returns (B, T); the value loss applies where vmask is set
@@ -330,17 +372,15 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
         perm = torch.randperm(len(lengths), generator=gen, device=gen.device).tolist()
         for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, len(perm)))]:
             n_tok, n_val = dp.all_sum(torch.stack([am[mini].sum(), vmask[mini].sum()])).clamp(min=1)  # contract 4
-            micro = [[mini[j] for j in g] for g in pack_microbatches([lengths[i] for i in mini], cfg.token_budget)]
+            micro = [[mini[j] for j in g] for g in pack(mini)]
             packed += micro
             sums = {}  # this optimizer step's statistics, summed over its micro-batches
             for mb, weight, grad_sync in dp.microbatches(micro):
                 idx, L = rows(mb)
                 with grad_sync:
                     with autocast:
-                        logits, v = policy(ids[idx, :L], att[idx, :L])  # (b, L, V), (b, L)
-                    new_lp, ent = token_logprobs(logits / cfg.temperature, ids[idx, :L], True,
-                                                 entropy_grad=cfg.ent_coef > 0)
-                    loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v.float()),
+                        new_lp, ent, v = forward(idx, L, with_entropy=True)  # (b, L) each
+                    loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v),
                                         old_v[idx, :L], ret[idx, :L], ent, am[idx, :L], cfg, n_tok,
                                         vmask[idx, :L], n_val, None if ref_lp is None else ref_lp[idx, :L])
                     scaler.scale(loss * weight).backward()
@@ -365,5 +405,5 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
     stats["explained_variance"] = 1 - var(ret - old_v) / var(ret).clamp(min=1e-8)
     out = dict(zip(stats, torch.stack([torch.as_tensor(x, device=dev).float() for x in stats.values()]).tolist()))
     return out | dict(skipped_steps=n_steps - len(kept), optimizer_steps=n_steps,
-                      padding_fraction=padding_fraction(lengths, packed),
+                      padding_fraction=padding_fraction([n - P for n in lengths], packed),
                       tokens_per_s=sum(lengths) * (1 + cfg.ppo_epochs) / (time.perf_counter() - t0))

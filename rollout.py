@@ -332,8 +332,10 @@ def execute(action: Action, text: str, env) -> Step:
 # Batching for ppo.py
 
 
-def collate(episodes: list[Episode], pad_id: int, device="cpu") -> dict:
-    """Right-pad a list of episodes into the tensors ppo.py consumes (see DESIGN in ppo.py)."""
+def collate(episodes: list[Episode], pad_id: int, device="cpu", shared_prefix: bool = False) -> dict:
+    """Right-pad a list of episodes into the tensors ppo.py consumes (its contract and `ppo_update`'s docstring).
+    shared_prefix: also "prefix_len", the number of leading prompt tokens every episode shares (an int; 0 = none),
+    which model.forward_with_prefix then computes once per micro-batch."""
     B, T = len(episodes), max(len(ep.token_ids) for ep in episodes)
     S = max(max(len(ep.steps), 1) for ep in episodes)
     out = {
@@ -364,7 +366,8 @@ def collate(episodes: list[Episode], pad_id: int, device="cpu") -> dict:
     first = torch.full((B, S + 1), T, dtype=torch.long).scatter_reduce(1, sid, pos, "amin")
     last = torch.zeros(B, S + 1, dtype=torch.long).scatter_reduce(1, sid, pos, "amax")
     out["step_start"], out["step_end"] = first[:, :S].clamp(max=T - 1), last[:, :S]
-    return {k: v.to(device) for k, v in out.items()}
+    prompts = [ep.token_ids[:ep.step_id.count(-1)] for ep in episodes]           # step_id -1 = the prompt
+    return {k: v.to(device) for k, v in out.items()} | {"prefix_len": shared_prefix_len(prompts) if shared_prefix else 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

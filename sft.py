@@ -27,9 +27,10 @@ import torch
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from model import ModelConfig, Tokenizer, Transformer, add_lora, load_pretrained, save_pretrained
-from ppo import pack_microbatches, token_logprobs
-from rollout import TEMPLATES, ScriptedPolicy, collate, rollout, system_prompt
+from model import (ModelConfig, Tokenizer, Transformer, add_lora, forward_with_prefix, load_pretrained,
+                   save_pretrained, store_frozen_weights_in)
+from ppo import pack_microbatches, predictors, token_logprobs
+from rollout import TEMPLATES, ScriptedPolicy, collate, rollout, shared_prefix_len, system_prompt
 from tools import Environment, Expert, FaultConfig, expert_episode
 
 
@@ -102,6 +103,8 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
         model, tokenizer = load_pretrained(model_dir, device=device)
         if cfg.lora != "off":
             add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
+            if cfg.dtype != "float32":    # the frozen base in the autocast dtype (saved merged, in float32)
+                store_frozen_weights_in(model, getattr(torch, cfg.dtype))
     else:
         tokenizer = train_tokenizer(corpus(env, tasks, cfg.template, cfg.rollout.schema_format), cfg.vocab_size,
                                     cfg.template)
@@ -129,7 +132,9 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
     """Token-mean cross-entropy on action tokens, AdamW (β2 0.95), linear warm-up, then a cosine decay to zero
     (`--sft-schedule cosine`, the from-scratch model) or a constant rate (`constant`: a pretrained model with LoRA
     learns the format in a few dozen steps; with the cosine schedule at 5e-4 it was still at loss 1.49 after 40)."""
-    lengths = [len(ep.token_ids) for ep in episodes]
+    prompts = [ep.token_ids[:ep.step_id.count(-1)] for ep in episodes]
+    prefix_len = shared_prefix_len(prompts) if cfg.rollout.shared_prefix else 0
+    lengths = [len(ep.token_ids) - prefix_len for ep in episodes]     # what a forward processes per row
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.sft_seed)
@@ -152,10 +157,11 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
             loss_sum = 0.0
             for mb in pack_microbatches([lengths[i] for i in idx], cfg.ppo.token_budget):
                 batch = collate([episodes[idx[j]] for j in mb], pad_id, device)
-                with autocast:
-                    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (b, T, V)
-                logp = token_logprobs(logits, batch["input_ids"])                             # (b, T)
-                loss = -(logp * batch["action_mask"]).sum() / n_action
+                ids, am = batch["input_ids"], batch["action_mask"]
+                with autocast:      # the shared prompt once; the LM head only where it predicts an action token
+                    logits, _ = forward_with_prefix(model, ids, batch["attention_mask"], prefix_len, predictors(am))
+                logp = token_logprobs(logits, ids, targets=am)                                 # (b, T)
+                loss = -(logp * am).sum() / n_action
                 loss.backward()
                 loss_sum += loss.detach()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -30,6 +30,7 @@ import random
 import sys
 import textwrap
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -38,11 +39,12 @@ from tqdm import tqdm
 
 import checkpoint
 import distributed
-from model import PolicyWithValue, ValueHead, add_lora, load_pretrained, lora_disabled, save_pretrained, strip_prefix
-from ppo import PPOConfig, ppo_update, token_logprobs
+from gguf_import import resolve_model
+from model import (PolicyWithValue, ValueHead, add_lora, forward_with_prefix, load_pretrained, lora_disabled,
+                   save_pretrained, store_frozen_weights_in, strip_prefix)
+from ppo import PPOConfig, ppo_update, predictors, token_logprobs
 from rewards import CONTRIBUTIONS, REWARDS, RewardConfig
 from rollout import ModelPolicy, RolloutConfig, collate, episode_metrics, evaluate, rollout
-from gguf_import import resolve_model
 from tools import FaultConfig, load_toolbench, make_suite
 from tools.tasks import SUITES
 
@@ -311,6 +313,8 @@ def main(cfg: Config) -> dict:
     use_lora = cfg.lora == "on" or (cfg.lora == "auto" and bool(cfg.model))
     if use_lora:
         add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
+        if dtype != torch.float32:        # frozen base in the autocast dtype; adapters and optimizer stay float32
+            store_frozen_weights_in(model, dtype)
 
     def evaluate_all(tasks, progress=False):
         """Greedy evaluation, each rank on its share of the tasks; every rank gets the metrics of all of them."""
@@ -366,13 +370,13 @@ def main(cfg: Config) -> dict:
         checkpoint.load_optimizer(resume_from, optimizer, state, policy)
         say(f"resumed from {resume_from} at iteration {start}")
 
-    def reference_logprobs(input_ids, attention_mask):
-        if reference is None:
-            with lora_disabled(model):
-                logits = model(input_ids, attention_mask=attention_mask)
-        else:
-            logits = reference(input_ids, attention_mask=attention_mask)
-        return token_logprobs(logits / cfg.ppo.temperature, input_ids)                   # (B, T)
+    def reference_logprobs(input_ids, attention_mask, prefix_len=0, targets=None):
+        """log π_ref (B, T): the policy with its adapters off (LoRA), or a frozen copy of the start."""
+        logits_at = None if targets is None else predictors(targets)
+        with lora_disabled(model) if reference is None else nullcontext():
+            logits, _ = forward_with_prefix(model if reference is None else reference, input_ids, attention_mask,
+                                            prefix_len, logits_at)
+        return token_logprobs(logits / cfg.ppo.temperature, input_ids, targets=targets)  # (B, T)
 
     def save(path=None, iteration=None):
         """The final model (path) or a checkpoint (iteration). With FSDP every rank gathers; rank 0 writes."""
@@ -415,7 +419,9 @@ def main(cfg: Config) -> dict:
         for ep in episodes if offline is None else []:
             ep.rewards = reward_fn(ep, cfg.rewards)
         t_roll = time.time() - t0
-        batch = collate(episodes, tokenizer.pad_id, device)
+        # The system prompt every episode shares runs once per micro-batch (exact). Not under FSDP: there a rank
+        # whose episodes share no prefix would run one forward fewer than the others, and FSDP's collectives hang.
+        batch = collate(episodes, tokenizer.pad_id, device, shared_prefix=cfg.rollout.shared_prefix and not d.fsdp)
         model.train()
         stats = ppo_update(trained, optimizer, batch, cfg.ppo, reference_logprobs_fn=reference_logprobs,
                            autocast_dtype=autocast, device_type=device.type, generator=gen)

@@ -70,7 +70,7 @@ def main():
     if reference is not None and d.fsdp:
         distributed.shard_reference(reference, d)
 
-    def reference_logprobs(ids, mask):
+    def reference_logprobs(ids, mask, **speedups):     # the dense path: ppo reads only the action tokens
         if reference is None:
             with lora_disabled(model):
                 return token_logprobs(model(ids, attention_mask=mask), ids)

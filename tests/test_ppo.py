@@ -57,10 +57,10 @@ class MockPolicy(nn.Module):
         self.emb, self.head, self.value = nn.Embedding(vocab, dim), nn.Linear(dim, vocab), nn.Linear(dim, 1)
         self.poison = False
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, prefix_len=0, logits_at=None):
         h = self.emb(input_ids)
         logits = self.head(h) * (float("nan") if self.poison else 1.0)
-        return logits, self.value(h).squeeze(-1)
+        return logits if logits_at is None else logits[logits_at], self.value(h).squeeze(-1)
 
 
 def loop_gae(rewards, values, gamma, lam):
@@ -309,7 +309,7 @@ def test_ppo_update_raises_the_logprob_of_positive_advantage_actions():
     before = logprob_of(policy, 5) - logprob_of(policy, 6)
     cfg = PPOConfig(ppo_epochs=2, minibatches=2, token_budget=16)
     for _ in range(5):
-        stats = ppo.ppo_update(policy, opt, b, cfg, reference_logprobs_fn=lambda i, a: torch.zeros(i.shape))
+        stats = ppo.ppo_update(policy, opt, b, cfg, reference_logprobs_fn=lambda i, a, **kw: torch.zeros(i.shape))
     assert logprob_of(policy, 5) - logprob_of(policy, 6) > before + 1.0
     assert stats["skipped_steps"] == 0 and stats["optimizer_steps"] == 4
     for k in ("approx_kl", "clipfrac", "entropy", "v_loss", "pg_loss", "kl", "reward", "explained_variance",
@@ -417,7 +417,7 @@ def test_kl_in_the_loss_and_sampling_logprobs_flags_run_and_the_same_seed_gives_
     params = []
     for _ in range(2):
         policy = MockPolicy(seed=3)
-        ref = lambda ids, att: torch.full(ids.shape, -2.0)  # noqa: E731
+        ref = lambda ids, att, **kw: torch.full(ids.shape, -2.0)  # noqa: E731
         stats = ppo.ppo_update(policy, torch.optim.Adam(policy.parameters(), lr=0.01), b, cfg, ref)
         params.append(torch.cat([p.flatten() for p in policy.parameters()]))
     assert stats["kl_loss"] > 0 and stats["kl"] == pytest.approx(2.0)  # old (sampling) log-probs are 0

@@ -1,0 +1,126 @@
+"""The speed paths are exact: each optimisation against the straightforward computation it replaces.
+
+- a prompt prefix shared by every row, computed once (rollouts: KVCache.fill_from; training: forward_with_prefix);
+- the LM head only at positions that predict an action token (token_logprobs(targets=...));
+- frozen base weights stored in bfloat16 under LoRA (store_frozen_weights_in).
+"""
+import torch
+
+import model as M
+from ppo import PPOConfig, ppo_update, predictors, token_logprobs
+from rollout import ModelPolicy, RolloutConfig, collate, rollout, shared_prefix_len
+from sft import corpus, train_tokenizer
+from tools import make_suite
+
+
+def tiny_lora_model(seed=0, vocab=600):
+    torch.manual_seed(seed)
+    model = M.Transformer(M.ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096))
+    M.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)      # adapters that change the outputs, so their gradients mean something
+    return model
+
+
+def batch_with_shared_prefix(P=9, T=17):
+    torch.manual_seed(1)
+    ids = torch.randint(0, 100, (3, T))
+    ids[:, :P] = ids[0, :P]                                  # every row starts with the same P tokens
+    att = torch.ones(3, T, dtype=torch.bool)
+    att[1, 14:], att[2, 11:] = False, False                  # right padding
+    am = torch.zeros(3, T, dtype=torch.bool)
+    am[:, P + 2:P + 6] = True
+    return ids, att & True, am & att
+
+
+def test_a_shared_prefix_computed_once_gives_the_logits_and_gradients_of_the_full_forward():
+    model = tiny_lora_model()
+    ids, att, am = batch_with_shared_prefix(P=9)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    full = model(ids, attention_mask=att)                                         # (B, T, V)
+    g_full = torch.autograd.grad((full[:, 9:].pow(2) * att[:, 9:, None]).sum(), trainable)
+    logits, hidden = M.forward_with_prefix(model, ids, att, prefix_len=9)
+    g_prefix = torch.autograd.grad((logits[:, 9:].pow(2) * att[:, 9:, None]).sum(), trainable)
+    torch.testing.assert_close(logits[:, 9:][att[:, 9:]], full[:, 9:][att[:, 9:]], rtol=1e-5, atol=1e-5)
+    assert hidden.shape == (3, 17, 32) and torch.all(hidden[:, :9] == 0)         # never read over the prefix
+    for a, b in zip(g_prefix, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_logits_only_at_action_tokens_give_the_same_logprobs_and_entropy_as_the_dense_path():
+    model = tiny_lora_model()
+    ids, att, am = batch_with_shared_prefix()
+    dense_lp, dense_ent = token_logprobs(model(ids, attention_mask=att), ids, with_entropy=True)
+    logits, _ = M.forward_with_prefix(model, ids, att, prefix_len=9, logits_at=predictors(am))
+    assert logits.shape == (int(am.sum()), 600)                                  # (N, V): N action tokens
+    lp, ent = token_logprobs(logits, ids, with_entropy=True, targets=am)
+    torch.testing.assert_close(lp[am], dense_lp[am], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent[am], dense_ent[am], rtol=1e-5, atol=1e-5)
+    assert torch.all(lp[~am] == 0) and torch.all(ent[~am] == 0)
+
+
+def test_predictors_are_the_positions_just_before_each_target():
+    targets = torch.tensor([[False, True, True, False, True]])
+    assert predictors(targets).tolist() == [[True, True, False, True, False]]
+
+
+def test_the_shared_prefix_length_stops_at_the_first_difference_and_leaves_every_row_a_token():
+    assert shared_prefix_len([[1] * 20 + [2, 3], [1] * 20 + [4]]) == 20
+    assert shared_prefix_len([[1] * 20, [1] * 20]) == 19                        # one token of its own per row
+    assert shared_prefix_len([[1] * 20 + [2], [1] * 3 + [5] * 20]) == 0          # under 16 tokens: not worth it
+
+
+def test_rollouts_with_the_shared_prefix_sample_the_same_tokens_and_logprobs():
+    suite = make_suite("large")                           # one system prompt for every task
+    env, tasks = suite.environment(), suite.tasks("val", 5)
+    tokenizer = train_tokenizer(corpus(env, suite.tasks("sft", 100), "chatml"), 600, "chatml")
+    model = tiny_lora_model(vocab=tokenizer.vocab_size).eval()
+    runs = []
+    for shared in (False, True):
+        cfg = RolloutConfig(temperature=1.0, max_steps=2, max_action_tokens=12, shared_prefix=shared)
+        gen = torch.Generator().manual_seed(0)
+        runs.append(rollout(ModelPolicy(model, tokenizer, cfg, gen), tasks, env, tokenizer, cfg))
+    assert collate(runs[1], tokenizer.pad_id, shared_prefix=True)["prefix_len"] > 100   # the whole system prompt
+    for a, b in zip(*runs):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_one_ppo_update_with_every_speedup_equals_the_straightforward_update():
+    params = []
+    for fast in (False, True):
+        model = tiny_lora_model()
+        policy = M.PolicyWithValue(model, M.ValueHead(32))
+        torch.nn.init.normal_(policy.value_head.proj.weight, std=0.1)
+        ids, att, am = batch_with_shared_prefix()
+        S = 2
+        batch = {"input_ids": ids, "attention_mask": att, "action_mask": am,
+                 "step_id": torch.where(am, torch.where(torch.arange(17) < 13, 0, 1), -1),
+                 "old_logprobs": torch.zeros(3, 17), "step_rewards": torch.tensor([[0.5, 1.0]] * 3),
+                 "step_mask": torch.ones(3, S, dtype=torch.bool),
+                 "step_start": torch.tensor([[11, 13]] * 3), "step_end": torch.tensor([[12, 14]] * 3),
+                 "prefix_len": 9 if fast else 0}
+        cfg = PPOConfig(ppo_epochs=2, minibatches=1, token_budget=20, action_logits_only=fast)
+        optimizer = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.5)
+        ppo_update(policy, optimizer, batch, cfg, generator=torch.Generator().manual_seed(0))
+        params.append(torch.cat([p.detach().flatten() for p in policy.parameters() if p.requires_grad]))
+    start = torch.cat([p.detach().flatten() for p in M.PolicyWithValue(tiny_lora_model(), M.ValueHead(32)).parameters()
+                       if p.requires_grad])
+    assert (params[0] - start[:len(params[0])]).abs().max() > 1e-3               # the update moved the weights
+    torch.testing.assert_close(params[1], params[0], rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_weights_in_bfloat16_keep_adapters_float32_and_outputs_close_to_float32_autocast():
+    model = tiny_lora_model()
+    ids, att, _ = batch_with_shared_prefix()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(ids, attention_mask=att).float()
+    M.store_frozen_weights_in(model, torch.bfloat16)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(ids, attention_mask=att).float()
+    assert ((after - before).norm() / before.norm()).item() < 2e-2   # autocast rounds the same weights to bf16
