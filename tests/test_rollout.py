@@ -124,6 +124,7 @@ def test_an_unknown_tool_and_invalid_arguments_become_failed_steps_with_error_ob
     assert episode_metrics([ep])["all"]["invalid_action_rate"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow
 def test_sixty_four_episodes_of_the_tiny_model_run_end_to_end(env, tokenizer, tiny_model):
     cfg = RolloutConfig(max_steps=3, max_action_tokens=32)
     tasks = make_tasks("train", 64, seed=7)

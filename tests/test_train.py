@@ -33,6 +33,7 @@ def smoke_run(tmp_path_factory, cache):
     return out, result
 
 
+@pytest.mark.slow
 def test_the_smoke_preset_writes_metrics_a_loadable_checkpoint_and_the_final_table(smoke_run):
     out, result = smoke_run
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -52,6 +53,7 @@ def test_the_smoke_preset_writes_metrics_a_loadable_checkpoint_and_the_final_tab
     assert groups[0]["lr"] == config["lr"] != config["value_lr"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights_and_metrics(tmp_path, cache, smoke_run):
     flags = ["--preset", "smoke", "--iters", "4", "--cache-dir", cache, "--eval-every", "2"]
     straight = str(tmp_path / "straight")
@@ -89,6 +91,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights_and_metri
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
 ])
+@pytest.mark.slow
 def test_bad_flags_fail_with_one_clear_line_and_a_nonzero_exit(flags, message):
     result = train(*flags, timeout=60)
     assert result.returncode != 0
@@ -96,6 +99,7 @@ def test_bad_flags_fail_with_one_clear_line_and_a_nonzero_exit(flags, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_a_corrupt_model_directory_is_refused_with_one_line(tmp_path):
     bad = tmp_path / "model"
     bad.mkdir()
@@ -105,6 +109,7 @@ def test_a_corrupt_model_directory_is_refused_with_one_line(tmp_path):
     assert "unsupported model_type 'gpt2'" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_offline_data_in_the_authors_format_trains_for_one_iteration(tmp_path, cache, smoke_run):
     out = str(tmp_path / "offline")
     result = train("--preset", "smoke", "--iters", "1", "--out", out, "--cache-dir", cache,
@@ -115,6 +120,7 @@ def test_offline_data_in_the_authors_format_trains_for_one_iteration(tmp_path, c
     assert record["optimizer_steps"] > 0 and record["skipped_steps"] == 0
 
 
+@pytest.mark.slow
 def test_a_toolbench_query_file_evaluates_end_to_end(tmp_path, smoke_run):
     out, _ = smoke_run
     result = train("--eval-only", "--model", os.path.join(out, "final"), "--out", str(tmp_path / "tb"),
@@ -125,6 +131,7 @@ def test_a_toolbench_query_file_evaluates_end_to_end(tmp_path, smoke_run):
     assert "| model |" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_200_iteration_soak_run_does_not_grow_resident_memory(tmp_path, cache, smoke_run):
     out = str(tmp_path / "soak")
     result = train("--preset", "smoke", "--iters", "200", "--eval-every", "1000", "--keep-checkpoints", "1",
