@@ -75,7 +75,8 @@ def save(run_dir: str, iteration: int, model, tokenizer, value_head, optimizer, 
         trainable = {n: policy_state[n] for n in trainable}
         head_state = strip_prefix(policy_state, "value_head.")
     else:
-        policy_state, optimizer_state, head_state = None, optimizer.state_dict(), dict(value_head.state_dict())
+        policy_state, optimizer_state = None, optimizer.state_dict()
+        head_state = {} if value_head is None else dict(value_head.state_dict())     # None: critic-free
     final = os.path.join(run_dir, f"ckpt-{iteration:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +133,8 @@ def load_state(path: str, trainable_params: dict, value_head) -> dict:
     with torch.no_grad():
         for name, p in trainable_params.items():
             p.copy_(weights[name])
-    value_head.load_state_dict(head)
+    if value_head is not None:
+        value_head.load_state_dict(head)
     torch.set_rng_state(rng["torch"])
     py = state["python_rng"]
     random.setstate((py[0], tuple(py[1]), py[2]))

@@ -143,7 +143,8 @@ def wrap(policy, d: Dist, device: torch.device):
         for block in policy.model.model.layers:
             fully_shard(block)
         fully_shard(policy.model)                # a root of its own: rollouts and the reference call it directly
-        fully_shard(policy.value_head)
+        if policy.value_head is not None:          # None: a critic-free advantage
+            fully_shard(policy.value_head)
         module = policy
     else:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -319,6 +319,8 @@ class PolicyWithValue(nn.Module):
         """-> logits (B, T, V), or (N, V) at the positions logits_at (B, T) selects; values (B, T) float32.
         prefix_len: see forward_with_prefix."""
         logits, hidden = forward_with_prefix(self.model, input_ids, attention_mask, prefix_len, logits_at)
+        if self.value_head is None:                  # a critic-free advantage (ppo --advantage step-group)
+            return logits, hidden.new_zeros(hidden.shape[:2], dtype=torch.float32)
         # detach_critic: the value loss trains the head only, never the shared trunk (the policy's features).
         return logits, self.value_head(hidden.detach() if self.detach_critic else hidden)
 

@@ -63,7 +63,8 @@ class PPOConfig:
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
     advantage: str = "step"
-    """step: GAE over tool steps (paper); token: token-level GAE (authors' code)"""
+    """step: GAE over tool steps (paper); token: token-level GAE (authors' code); step-group: critic-free,
+    returns normalised over steps from the same state in a group of rollouts of one task (GiGPO-style)"""
     token_gae: str = "trl"
     """token mode: trl counts observation tokens as time steps (authors, default); skip: veRL's GAE"""
     whiten: bool = True
@@ -236,7 +237,48 @@ def _token_advantages(batch, values, rewards, kl, beta, cfg, all_sum):
     return (masked_whiten(adv, am, all_sum=all_sum) if cfg.whiten else adv), ret
 
 
-ADVANTAGES = {"step": _step_advantages, "token": _token_advantages}
+def discounted_returns(rewards, step_mask, gamma):
+    """G_t = Σ_{i≥t} γ^{i−t} r_i over each episode's steps: (B, S) -> (B, S)."""
+    returns, running = torch.zeros_like(rewards), rewards.new_zeros(rewards.shape[0])
+    for s in reversed(range(rewards.shape[1])):
+        running = torch.where(step_mask[:, s], rewards[:, s] + gamma * running, 0.0)
+        returns[:, s] = running
+    return returns
+
+
+def group_normalise(x, group, mask, eps=1e-6):
+    """(x − mean) / (std + ε) of each masked element over the masked elements with the same group id; also the group
+    sizes. x, group (long, ≥ 0), mask: same shape. A group of equal values gives 0, never NaN."""
+    n = int(group.max()) + 1 if group.numel() else 1  # NOTE: host sync, once per batch
+    ids, w = group.clamp(min=0).flatten(), mask.flatten().to(x.dtype)
+    count = x.new_zeros(n).scatter_add_(0, ids, w)
+    mean = x.new_zeros(n).scatter_add_(0, ids, x.flatten() * w) / count.clamp(min=1)
+    var = x.new_zeros(n).scatter_add_(0, ids, (x.flatten() - mean[ids]) ** 2 * w) / count.clamp(min=1)
+    out = (x.flatten() - mean[ids]) / (var[ids].sqrt() + eps)
+    return torch.where(mask, out.view(x.shape), 0.0), count[ids].view(x.shape)
+
+
+def step_group_advantages(rewards, step_mask, state_id, episode_group, gamma):
+    """Critic-free step advantages (GiGPO's step-level groups, on StepTool's step rewards), (B, S):
+        G_t = Σ_{i≥t} γ^{i−t} r_i                                    the step's return
+        Â_t = (G_t − mean{G_t' : s_t' = s_t}) / std{G_t' : s_t' = s_t}   steps taken from the same state s_t (same task,
+                                                                     same calls and observations so far), if ≥ 2
+        Â_t = (G_0 − mean_group G_0) / std_group G_0                  otherwise: the episode's own return against
+                                                                     the episodes of its task (GRPO)
+    state_id (B, S) and episode_group (B,) are integer ids (rollout.collate)."""
+    G = discounted_returns(rewards, step_mask, gamma)  # (B, S)
+    by_state, n_same = group_normalise(G, state_id, step_mask)
+    by_episode, _ = group_normalise(G[:, 0], episode_group, step_mask[:, 0])  # (B,)
+    return torch.where(n_same >= 2, by_state, by_episode[:, None].expand_as(G)).where(step_mask, 0.0), G
+
+
+def _step_group_advantages(batch, values, rewards, kl, beta, cfg, all_sum):
+    r = apply_kl_penalty(rewards, kl, beta, batch["step_id"])  # (B, S); groups are normalised already: no whitening
+    adv, ret = step_group_advantages(r, batch["step_mask"], batch["state_id"], batch["episode_group"], cfg.gamma)
+    return [step_to_token(x, batch["step_id"], batch["action_mask"]) for x in (adv, ret)]
+
+
+ADVANTAGES = {"step": _step_advantages, "token": _token_advantages, "step-group": _step_group_advantages}
 
 
 def compute_advantages(batch, values, old_logprobs, ref_logprobs, cfg, all_sum=OneProcess.all_sum):

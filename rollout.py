@@ -348,6 +348,8 @@ def collate(episodes: list[Episode], pad_id: int, device="cpu", shared_prefix: b
         "step_mask": torch.zeros(B, S, dtype=torch.bool),
         "step_start": torch.zeros(B, S, dtype=torch.long),
         "step_end": torch.zeros(B, S, dtype=torch.long),
+        "state_id": torch.zeros(B, S, dtype=torch.long),
+        "episode_group": torch.zeros(B, dtype=torch.long),
     }
     for b, ep in enumerate(episodes):
         n = len(ep.token_ids)
@@ -366,6 +368,13 @@ def collate(episodes: list[Episode], pad_id: int, device="cpu", shared_prefix: b
     first = torch.full((B, S + 1), T, dtype=torch.long).scatter_reduce(1, sid, pos, "amin")
     last = torch.zeros(B, S + 1, dtype=torch.long).scatter_reduce(1, sid, pos, "amax")
     out["step_start"], out["step_end"] = first[:, :S].clamp(max=T - 1), last[:, :S]
+    # For --advantage step-group: an id per step for its state (the token ids before its first action token: the same
+    # task, calls and observations so far) and an id per episode for its task.
+    states, tasks = {}, {}
+    for b, (ep, starts) in enumerate(zip(episodes, out["step_start"].tolist())):
+        for s in range(len(ep.steps)):
+            out["state_id"][b, s] = states.setdefault(tuple(ep.token_ids[:starts[s]]), len(states))
+        out["episode_group"][b] = tasks.setdefault(getattr(ep.task, "id", f"row {b}"), len(tasks))
     prompts = [ep.token_ids[:ep.step_id.count(-1)] for ep in episodes]           # step_id -1 = the prompt
     return {k: v.to(device) for k, v in out.items()} | {"prefix_len": shared_prefix_len(prompts) if shared_prefix else 0}
 

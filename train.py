@@ -111,6 +111,10 @@ class Config:
     """step (StepTool's step-grained reward) | final (the PPO (Final Reward) baseline)."""
     iters: int = 16
     episodes_per_iter: int = 64
+    """Episodes rolled out per iteration (the RL budget), whatever --group-size."""
+    group_size: int = 1
+    """Rollouts of each sampled task per iteration, for --advantage step-group (which compares them): an iteration
+    samples episodes-per-iter / group-size tasks."""
     rollout_batch: int = 32
     lr: float = 2e-5
     value_lr: float = 1e-3
@@ -216,7 +220,10 @@ def validate(cfg: Config):
         (cfg.reward in REWARDS, f"--reward must be one of {sorted(REWARDS)} (got {cfg.reward!r})"),
         (cfg.rewards.contribution in CONTRIBUTIONS,
          f"--contribution must be one of {sorted(CONTRIBUTIONS)} (got {cfg.rewards.contribution!r})"),
-        (cfg.ppo.advantage in ("step", "token"), f"--advantage must be step or token (got {cfg.ppo.advantage!r})"),
+        (cfg.ppo.advantage in ("step", "token", "step-group"),
+         f"--advantage must be step, token or step-group (got {cfg.ppo.advantage!r})"),
+        (cfg.group_size >= 1 and cfg.episodes_per_iter % cfg.group_size == 0,
+         f"--group-size must be >= 1 and divide --episodes-per-iter (got {cfg.group_size})"),
         (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),
         (cfg.lora in ("auto", "on", "off"), f"--lora must be auto, on or off (got {cfg.lora!r})"),
         (not cfg.model or cfg.model == "smollm2" or os.path.isdir(cfg.model),
@@ -347,7 +354,8 @@ def main(cfg: Config) -> dict:
     say(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
 
     # --- policy + critic (one module, one forward) and the reference policy; resumed weights go in before sharding
-    value_head = ValueHead(model.config.hidden_size).to(device)
+    critic_free = cfg.ppo.advantage == "step-group"        # no value head is created, trained or evaluated
+    value_head = None if critic_free else ValueHead(model.config.hidden_size).to(device)
     policy = PolicyWithValue(model, value_head, detach_critic=cfg.detach_critic)
     if use_lora:
         reference = None                   # the base model with LoRA switched off: no second copy in memory
@@ -364,8 +372,8 @@ def main(cfg: Config) -> dict:
     trainable = {n: p for n, p in policy.named_parameters() if p.requires_grad}
     actor = [p for n, p in trainable.items() if not n.startswith("value_head.")]
     critic = [p for n, p in trainable.items() if n.startswith("value_head.")]
-    optimizer = torch.optim.AdamW([{"params": actor, "lr": cfg.lr}, {"params": critic, "lr": cfg.value_lr}],
-                                  weight_decay=0.0)
+    groups = [{"params": actor, "lr": cfg.lr}] + ([{"params": critic, "lr": cfg.value_lr}] if critic else [])
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     if resume_from:
         checkpoint.load_optimizer(resume_from, optimizer, state, policy)
         say(f"resumed from {resume_from} at iteration {start}")
@@ -405,7 +413,9 @@ def main(cfg: Config) -> dict:
         torch.manual_seed(base)
         rng = random.Random(base)
         gen = torch.Generator(device=device).manual_seed(base + 7_919 * d.rank)
-        tasks = distributed.shard(rng.sample(train_tasks, cfg.episodes_per_iter), d)
+        # A task's group of rollouts stays on one rank, in one batch: step-group compares them with each other.
+        tasks = distributed.shard(rng.sample(train_tasks, cfg.episodes_per_iter // cfg.group_size), d)
+        tasks = [task for task in tasks for _ in range(cfg.group_size)]
         env.reset(seed=base + 7_919 * d.rank)          # fault sequence, too
         model.eval()
         episodes = []

@@ -422,3 +422,37 @@ def test_kl_in_the_loss_and_sampling_logprobs_flags_run_and_the_same_seed_gives_
         params.append(torch.cat([p.flatten() for p in policy.parameters()]))
     assert stats["kl_loss"] > 0 and stats["kl"] == pytest.approx(2.0)  # old (sampling) log-probs are 0
     assert torch.equal(params[0], params[1])
+
+
+# ------------------------------------------------------------------------------------ critic-free step groups
+def test_step_group_advantages_on_a_hand_computed_group_with_shared_and_diverging_states():
+    # Three rollouts of one task (γ = 1). All start from the prompt (state 0). Rollouts 0 and 1 made the same first
+    # call and saw the same observation (state 1), rollout 2 another (state 2, alone).
+    rewards = torch.tensor([[0.5, 1.0], [0.5, 0.0], [0.0, 0.0]])
+    step_mask = torch.tensor([[True, True], [True, True], [True, False]])
+    state_id = torch.tensor([[0, 1], [0, 1], [0, 0]])
+    group = torch.tensor([0, 0, 0])
+    adv, G = ppo.step_group_advantages(rewards, step_mask, state_id, group, gamma=1.0)
+    # returns: [[1.5, 1.0], [0.5, 0.0], [0.0, -]]
+    torch.testing.assert_close(G, torch.tensor([[1.5, 1.0], [0.5, 0.0], [0.0, 0.0]]))
+    # state 0 (first steps): returns 1.5, 0.5, 0.0: mean 2/3, population std sqrt(((5/6)^2 + (1/6)^2 + (2/3)^2)/3)
+    std0 = ((25 / 36 + 1 / 36 + 16 / 36) / 3) ** 0.5
+    # state 1 (second steps of rollouts 0 and 1): returns 1.0, 0.0: mean 0.5, std 0.5 -> +1, -1
+    expected = torch.tensor([[(1.5 - 2 / 3) / std0, 1.0], [(0.5 - 2 / 3) / std0, -1.0], [(0.0 - 2 / 3) / std0, 0.0]])
+    torch.testing.assert_close(adv, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_whose_state_is_unique_falls_back_to_its_episodes_return_in_the_task_group():
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    step_mask = torch.ones(2, 2, dtype=torch.bool)
+    state_id = torch.tensor([[0, 1], [0, 2]])             # the second steps diverged: each state has one member
+    adv, _ = ppo.step_group_advantages(rewards, step_mask, state_id, torch.tensor([0, 0]), gamma=0.5)
+    # episode returns G_0 = 0.5, 0.0: mean 0.25, std 0.25 -> +1 / -1, used for the unique second steps too
+    torch.testing.assert_close(adv, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_group_whose_returns_are_all_equal_gets_zero_advantage_not_nan():
+    rewards = torch.ones(4, 3)
+    adv, _ = ppo.step_group_advantages(rewards, torch.ones(4, 3, dtype=torch.bool), torch.tensor([[0, 1, 2]] * 4),
+                                       torch.zeros(4, dtype=torch.long), gamma=0.9)
+    assert torch.equal(adv, torch.zeros(4, 3))

@@ -160,3 +160,30 @@ def test_sft_demonstrations_can_be_recorded_under_faults_and_then_show_retries()
                 faults += 1
                 retries += next_action == action
     assert faults > 10 and retries >= 0.6 * faults        # the expert retries up to twice, then gives up
+
+
+@pytest.mark.slow
+def test_step_group_trains_without_a_value_head_on_groups_of_rollouts_of_one_task(tmp_path, cache, monkeypatch):
+    import train as T
+    made = []
+    monkeypatch.setattr(T, "ValueHead", lambda *a, **k: made.append(1))     # would record any critic created
+    seen = []
+    real_update = T.ppo_update
+
+    def update(policy, optimizer, batch, cfg, **kw):                            # look at what PPO is given
+        seen.append((batch["episode_group"].tolist(), len(optimizer.param_groups), policy.value_head))
+        return real_update(policy, optimizer, batch, cfg, **kw)
+    monkeypatch.setattr(T, "ppo_update", update)
+    cfg = T.parse_config(["--preset", "smoke", "--out", str(tmp_path), "--cache-dir", cache, "--iters", "1",
+                          "--advantage", "step-group", "--group-size", "4"])
+    T.main(cfg)
+    groups, n_param_groups, head = seen[0]
+    assert made == [] and head is None and n_param_groups == 1                  # no critic, no critic optimizer
+    assert sorted(groups.count(g) for g in set(groups)) == [4, 4]                # 8 episodes = 2 tasks x 4 rollouts
+    ckpt = os.path.join(str(tmp_path), "ckpt-000000")
+    assert load_file(os.path.join(ckpt, "value_head.safetensors")) == {}
+
+
+def test_a_group_size_that_does_not_divide_the_episodes_is_a_one_line_error():
+    result = train("--preset", "smoke", "--advantage", "step-group", "--group-size", "3")
+    assert result.returncode == 2 and "--group-size must be >= 1 and divide --episodes-per-iter" in result.stderr
