@@ -4,11 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import distributed
 from model import load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +27,30 @@ def run(args, nproc=None, timeout=300):
     return result
 
 
+class FakeDDP(torch.nn.Module):
+    """Stands in for DistributedDataParallel: counts the micro-batches run under no_sync()."""
+
+    def __init__(self):
+        super().__init__()
+        self.unsynced = 0
+
+    @contextmanager
+    def no_sync(self):
+        self.unsynced += 1
+        yield
+
+
+def test_ddp_micro_batches_weigh_n_and_all_but_the_last_skip_the_gradient_all_reduce():
+    module = FakeDDP()
+    micro = distributed.DataParallel(module, world=2, fsdp=False).microbatches([[0], [1, 2], [3]])
+    assert [(rows, weight) for rows, weight, _ in micro] == [([0], 2.0), ([1, 2], 2.0), ([3], 2.0)]
+    for _, _, grad_sync in micro:
+        with grad_sync:
+            pass
+    assert module.unsynced == 2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flags", [[], ["--fsdp"], ["--fsdp", "--lora"]], ids=["ddp", "fsdp", "fsdp-lora"])
 def test_one_update_on_two_ranks_with_half_the_episodes_each_equals_one_update_on_one_rank(tmp_path, flags):
     run([WORKER, str(tmp_path / "one"), *flags])
@@ -48,6 +74,7 @@ def train(tmp, *args, nproc=2):
     return run(["train.py", "--preset", "smoke", "--cache-dir", str(tmp / "cache"), *args], nproc=nproc)
 
 
+@pytest.mark.slow
 def test_a_two_process_torchrun_smoke_run_writes_one_log_and_one_checkpoint(tmp_path):
     out = tmp_path / "run"
     result = train(tmp_path, "--out", str(out), "--iters", "2", "--keep-checkpoints", "1")
@@ -55,10 +82,16 @@ def test_a_two_process_torchrun_smoke_run_writes_one_log_and_one_checkpoint(tmp_
     assert [r["iter"] for r in records] == [0, 1]                 # rank 0 alone logs: one record per iteration
     assert sorted(p for p in os.listdir(out) if p.startswith("ckpt-")) == ["ckpt-000001"]
     assert result.stdout.count("Test split") == 1                  # and prints
+    # The checkpoint holds every parameter of the final model, whole and equal to it (after the last iteration).
     model, _ = load_pretrained(str(out / "final"))
-    assert sum(p.numel() for p in model.parameters()) > 0
+    saved = load_file(str(out / "ckpt-000001" / "trainable.safetensors"))
+    final = {f"model.{name}": p for name, p in model.named_parameters()}
+    assert sorted(saved) == sorted(final)
+    for name, p in final.items():
+        torch.testing.assert_close(saved[name], p.detach(), atol=0, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoints_hold_whole_tensors_and_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(tmp_path, "--fsdp", "--out", str(straight), "--iters", "2")
