@@ -5,7 +5,10 @@ once per iteration on a batch from rollout.collate; the rest are the small pure 
 Implementation choices not in the paper (each a flag or a comment at the code):
  1. Advantage whitening over the batch (TRL, lm-human-preferences): over steps in step mode (one sample per
     step), over action tokens in token mode (as TRL). `whiten`.
- 2. Value clipping (PPO2 baselines, TRL; authors 0.2): v_loss = ½·max((V−G)², (V_clip−G)²). `vf_clip`.
+ 2. No value clipping by default (`vf_clip` 0): ½·(V−G)². The authors (TRL, PPO2 baselines) clip at 0.2 in
+    reward units, v_loss = ½·max((V−G)², (V_clip−G)²), which caps V's move per iteration at 0.2 whatever the
+    critic's learning rate; StepTool's returns reach ~4 on G3 (final-reward ones at most 1), so the clip kept its
+    critic lagging longest (README, deviations). `--vf-clip 0.2` restores it.
  3. KL placement (Ziegler et al. / TRL, as the paper): k1 = log π_old − log π_ref per action token, subtracted
     from the reward (summed over each step's tokens in step mode). `kl_in_loss`: +β·k3 in the loss instead
     (GRPO, Schulman's k3). Fixed β; the authors use TRL's adaptive controller (initial 0.3).
@@ -42,8 +45,8 @@ class PPOConfig:
     """GAE λ; authors 0.95"""
     clip_eps: float = 0.2
     """ratio clip ε of the surrogate; authors 0.2"""
-    vf_clip: float = 0.2
-    """value clip around the old value; authors 0.2"""
+    vf_clip: float = 0.0
+    """value clip around the old value, in reward units; 0 = off (default, contract 2); authors 0.2"""
     vf_coef: float = 0.1
     """value-loss coefficient; authors 0.1"""
     ent_coef: float = 0.0
@@ -261,7 +264,7 @@ def group_normalise(x, group, mask, eps=1e-6):
 def step_group_advantages(rewards, step_mask, state_id, episode_group, gamma):
     """Critic-free step advantages (GiGPO's step-level groups, on StepTool's step rewards), (B, S):
         G_t = Σ_{i≥t} γ^{i−t} r_i                                    the step's return
-        Â_t = (G_t − mean{G_t' : s_t' = s_t}) / std{G_t' : s_t' = s_t}   steps taken from the same state s_t (same task,
+        Â_t = (G_t − mean{G_t' : s_t' = s_t}) / std{G_t' : s_t' = s_t}   steps from the same state s_t (same task,
                                                                      same calls and observations so far), if ≥ 2
         Â_t = (G_0 − mean_group G_0) / std_group G_0                  otherwise: the episode's own return against
                                                                      the episodes of its task (GRPO)
@@ -325,7 +328,8 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
     pg_loss = total(torch.max(pg_loss1, pg_loss2), action_mask, normaliser)  # −min(ρÂ, clip(ρ)Â)
-    v_clipped = old_values + (new_values - old_values).clamp(-cfg.vf_clip, cfg.vf_clip)
+    v_clipped = old_values + (new_values - old_values).clamp(-cfg.vf_clip, cfg.vf_clip) if cfg.vf_clip > 0 else \
+        new_values
     v_loss = 0.5 * total(torch.max((new_values - returns) ** 2, (v_clipped - returns) ** 2), value_mask,
                          value_normaliser)
     entropy_loss = total(entropy, action_mask, normaliser)
@@ -408,7 +412,9 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
 
     # (3) epochs × shuffled mini-batches (one optimizer step each) × micro-batches (gradient accumulation)
     gen = generator or torch.Generator().manual_seed(cfg.seed)
-    params = [p for group in optimizer.param_groups for p in group["params"]]  # what is stepped (FSDP: the shards)
+    # What is stepped (FSDP: the shards), per optimizer group: actor, then critic. Each group's gradient is clipped
+    # on its own norm, so a large early critic gradient does not shrink the policy's step.
+    groups = [group["params"] for group in optimizer.param_groups]
     kept, packed, n_steps = [], [], 0  # kept: the statistics of the optimizer steps taken
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(len(lengths), generator=gen, device=gen.device).tolist()
@@ -430,10 +436,11 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
                     sums = {k: sums.get(k, 0.0) + x for k, x in ({"loss": loss.detach()} | st).items()}
             step = dict(zip(sums, dp.all_sum(torch.stack(list(sums.values())))))  # ...and over ranks
             scaler.unscale_(optimizer)
-            step["grad_norm"] = dp.clip_grad_norm_(params, cfg.max_grad_norm)  # global norm, before clipping
+            norms = torch.stack([dp.clip_grad_norm_(g, cfg.max_grad_norm) for g in groups])  # before clipping
+            step["grad_norm"] = norms[0]  # the policy's
             # Numerical guard, the one host sync per optimizer step: never apply a non-finite update (global: the
             # same decision on every rank; float16's loss scale follows it, as an FSDP rank sees only its shard).
-            finite = bool(torch.isfinite(step["grad_norm"]) & torch.isfinite(step["loss"]))
+            finite = bool(torch.isfinite(norms).all() & torch.isfinite(step["loss"]))
             if finite:
                 scaler.step(optimizer)
                 kept.append(step)

@@ -376,7 +376,8 @@ def collate(episodes: list[Episode], pad_id: int, device="cpu", shared_prefix: b
             out["state_id"][b, s] = states.setdefault(tuple(ep.token_ids[:starts[s]]), len(states))
         out["episode_group"][b] = tasks.setdefault(getattr(ep.task, "id", f"row {b}"), len(tasks))
     prompts = [ep.token_ids[:ep.step_id.count(-1)] for ep in episodes]           # step_id -1 = the prompt
-    return {k: v.to(device) for k, v in out.items()} | {"prefix_len": shared_prefix_len(prompts) if shared_prefix else 0}
+    prefix_len = shared_prefix_len(prompts) if shared_prefix else 0
+    return {k: v.to(device) for k, v in out.items()} | {"prefix_len": prefix_len}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ Choices:
  1. The expert's trajectories go through the *same* rollout loop as the policy (ScriptedPolicy), so SFT sequences
     are tokenised exactly like RL sequences: same template, same observation tokens, same masks.
  2. The loss is token-mean cross-entropy on action tokens only (prompt and observations are context).
- 3. The from-scratch tokenizer is a byte-level BPE with digits split one by one and spaces as tokens of their own, so a name
-    or a number is the same token sequence wherever it appears: copying a value from the query or an earlier
-    observation into an argument — the skill multi-step tool use needs most — is then plain copying.
+ 3. The from-scratch tokenizer is a byte-level BPE with digits split one by one and spaces as tokens of their own,
+    so a name or a number is the same token sequence wherever it appears: copying a value from the query or an
+    earlier observation into an argument — the skill multi-step tool use needs most — is then plain copying.
 """
 from __future__ import annotations
 

@@ -137,8 +137,8 @@ class Config:
 PRESETS = {
     "default": dict(ppo_epochs=2, temperature=0.7, kl_coef=0.1),
     "smoke": dict(out="runs/smoke", n_val=12, n_test=18, train_tasks=400, vocab_size=512, hidden_size=64,
-                  num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2, episodes_per_iter=8,
-                  rollout_batch=8, eval_every=1, max_steps=4, max_action_tokens=48, max_total_tokens=640,
+                  num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2,
+                  episodes_per_iter=8, rollout_batch=8, eval_every=1, max_steps=4, max_action_tokens=48, max_total_tokens=640,
                   ppo_epochs=1),
 }
 

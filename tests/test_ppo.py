@@ -456,3 +456,42 @@ def test_a_group_whose_returns_are_all_equal_gets_zero_advantage_not_nan():
     adv, _ = ppo.step_group_advantages(rewards, torch.ones(4, 3, dtype=torch.bool), torch.tensor([[0, 1, 2]] * 4),
                                        torch.zeros(4, dtype=torch.long), gamma=0.9)
     assert torch.equal(adv, torch.zeros(4, 3))
+
+
+def test_without_value_clipping_the_value_loss_is_half_the_squared_error_and_with_it_the_clipped_max():
+    new_v, old_v, ret = torch.tensor([[0.0, 3.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 4.0]])
+    zero, mask = torch.zeros(1, 2), torch.tensor([[False, True]])
+    plain = ppo.ppo_loss(zero, zero, zero, new_v, old_v, ret, zero, mask, PPOConfig(vf_clip=0.0), 1.0)[1]["v_loss"]
+    clipped = ppo.ppo_loss(zero, zero, zero, new_v, old_v, ret, zero, mask, PPOConfig(vf_clip=0.2), 1.0)[1]["v_loss"]
+    assert plain.item() == pytest.approx(0.5 * (3 - 4) ** 2)                  # ½ (V − G)²
+    assert clipped.item() == pytest.approx(0.5 * (0.2 - 4) ** 2)              # ½ max((V−G)², (V_old+0.2−G)²)
+
+
+class LoudCriticPolicy(MockPolicy):
+    """The critic reads the trunk without back-propagating into it (train.py's --detach-critic); its values are the
+    mock's, its gradient `grad_scale` times larger."""
+
+    def __init__(self, grad_scale, **kw):
+        super().__init__(**kw)
+        self.grad_scale = grad_scale
+
+    def forward(self, input_ids, attention_mask, prefix_len=0, logits_at=None):
+        h = self.emb(input_ids)
+        logits, v = self.head(h), self.value(h.detach()).squeeze(-1)
+        v = v * self.grad_scale - v.detach() * (self.grad_scale - 1)          # same value, scaled gradient
+        return logits if logits_at is None else logits[logits_at], v
+
+
+def test_a_huge_critic_gradient_does_not_shrink_the_policy_step_each_group_is_clipped_alone():
+    b = bandit_batch(8)
+    steps = []
+    for grad_scale in (1.0, 1e4):                        # the second critic's gradient is 10^4 times larger
+        policy = LoudCriticPolicy(grad_scale, seed=1)
+        actor = [p for n, p in policy.named_parameters() if not n.startswith("value.")]
+        critic = [p for n, p in policy.named_parameters() if n.startswith("value.")]
+        before = [p.detach().clone() for p in actor]
+        opt = torch.optim.SGD([{"params": actor, "lr": 0.1}, {"params": critic, "lr": 0.1}])
+        ppo.ppo_update(policy, opt, b, PPOConfig(ppo_epochs=1, minibatches=1, vf_coef=1.0, max_grad_norm=0.5))
+        steps.append(torch.cat([(p.detach() - q).flatten() for p, q in zip(actor, before)]))
+    assert steps[0].abs().max() > 0
+    torch.testing.assert_close(steps[1], steps[0], rtol=1e-3, atol=1e-6)   # one global clip would shrink it ~10^4x
