@@ -723,8 +723,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.enabled and not self.merged:
-            y = y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        if self.enabled and not self.merged:     # adapters in their own dtype: a bf16 base runs without autocast too
+            x = self.dropout(x).to(self.lora_A.dtype)
+            y = y + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         return y
 
 
