@@ -51,11 +51,11 @@ class PPOConfig:
     """value-loss coefficient; authors 0.1"""
     ent_coef: float = 0.0
     """entropy bonus coefficient; authors 0 (TRL has none)"""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.1
     """β of the KL to the reference policy (fixed; authors: adaptive from 0.3)"""
     kl_in_loss: bool = False
     """False: −β·k1 in the reward (paper, TRL); True: +β·k3 as a loss term"""
-    ppo_epochs: int = 4
+    ppo_epochs: int = 2
     """passes over the batch per iteration; authors 4"""
     minibatches: int = 4
     """optimizer steps per epoch (authors: batch 8, mini-batch 2 -> 4)"""
@@ -76,10 +76,6 @@ class PPOConfig:
     """multiply step t's reward by (T−1−t) as the released code does (final reward -> 0)"""
     use_sampling_logprobs: bool = False
     """use batch["old_logprobs"] from the rollout instead of recomputing them (contract 6)"""
-    seed: int = 0
-    """seed of the mini-batch shuffling generator"""
-    temperature: float = 1.0
-    """the rollouts' sampling temperature: π is softmax(logits / T), the distribution that was sampled"""
 
 
 class OneProcess:
@@ -368,10 +364,12 @@ def padding_fraction(lengths, microbatches):
 
 
 def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autocast_dtype=None, device_type="cpu",
-               generator=None):
+               generator=None, temperature=1.0):
     """One PPO iteration on a collated batch. policy(input_ids, attention_mask, prefix_len, logits_at) -> (logits
     (B, T, V) or (N, V) at logits_at, values (B, T)) as model.PolicyWithValue; reference_logprobs_fn(input_ids,
-    attention_mask, prefix_len, targets) -> log π_ref (B, T). Returns floats, read from the device once."""
+    attention_mask, prefix_len, targets) -> log π_ref (B, T). `temperature`: the rollouts' sampling temperature, so
+    π is softmax(logits / T), the distribution that was sampled. `generator` shuffles the mini-batches (a fixed seed
+    if None). Returns floats, read from the device once."""
     t0, dev = time.perf_counter(), batch["input_ids"].device
     am, att, ids = batch["action_mask"], batch["attention_mask"], batch["input_ids"]
     lengths = att.sum(1).tolist()  # one host read: right padding, row i is real on [0, lengths[i])
@@ -387,7 +385,7 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
         targets = am[idx, :L] if cfg.action_logits_only else None  # None: the LM head at every position
         logits, v = policy(ids[idx, :L], att[idx, :L], prefix_len=P,
                            logits_at=None if targets is None else predictors(targets))
-        out = token_logprobs(logits / cfg.temperature, ids[idx, :L], with_entropy, cfg.ent_coef > 0, targets=targets)
+        out = token_logprobs(logits / temperature, ids[idx, :L], with_entropy, cfg.ent_coef > 0, targets=targets)
         return (*out, v.float()) if with_entropy else (out, v.float())
 
     def pack(rows_):  # micro-batches by the tokens a forward really processes (the shared prefix counts once)
@@ -411,7 +409,7 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
     old_v, vmask = state_values(values), value_mask(batch, cfg)
 
     # (3) epochs × shuffled mini-batches (one optimizer step each) × micro-batches (gradient accumulation)
-    gen = generator or torch.Generator().manual_seed(cfg.seed)
+    gen = generator or torch.Generator().manual_seed(0)
     # What is stepped (FSDP: the shards), per optimizer group: actor, then critic. Each group's gradient is clipped
     # on its own norm, so a large early critic gradient does not shrink the policy's step.
     groups = [group["params"] for group in optimizer.param_groups]

@@ -178,15 +178,27 @@ class Episode:
 @dataclass
 class RolloutConfig:
     template: str = "chatml"
-    schema_format: str = "compact"   # how the system prompt lists tools: "compact" signatures or OpenAI "json"
-    max_steps: int = 8               # tool calls + Finish (the longest reference chain is 5 calls + Finish)
-    max_action_tokens: int = 96      # per step
-    max_total_tokens: int = 1024     # prompt + all steps + observations
-    max_obs_tokens: int = 192        # observation tokens beyond this are cut (bounds memory and the KV cache)
-    temperature: float = 1.0         # 0 = greedy
+    """Chat template (TEMPLATES: chatml | llama3) of the SFT demonstrations, the from-scratch tokenizer's special
+    tokens and the rollouts."""
+    schema_format: str = "compact"
+    """How the system prompt lists tools: "compact" signatures or OpenAI "json"."""
+    max_steps: int = 8
+    """Tool calls + Finish per episode (the longest reference chain is 5 calls + Finish)."""
+    max_action_tokens: int = 96
+    """Tokens per step (action)."""
+    max_total_tokens: int = 1024
+    """Prompt + all steps + observations."""
+    max_obs_tokens: int = 192
+    """Observation tokens beyond this are cut (bounds memory and the KV cache)."""
+    temperature: float = 0.7
+    """Sampling temperature of the RL rollouts (0 = greedy; evaluation is always greedy). PPO's ratio uses the same
+    temperature (train.py passes it to ppo_update)."""
     top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all)."""
     top_p: float = 1.0
-    shared_prefix: bool = True       # compute the prompt prefix all episodes share once per batch (exact; speed)
+    """Nucleus sampling: the smallest set of tokens with mass >= top_p (1 = all)."""
+    shared_prefix: bool = True
+    """Compute the prompt prefix all episodes share once per batch (exact; a speed switch)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def corpus(env, tasks, template: str, schema_format: str = "compact"):
 
 def sft_hash(cfg, suite) -> str:
     """Everything the warm start depends on; a run with the same values reuses the cached SFT model."""
-    keys = ["model", "sft_seed", "template", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "sft_schedule",
+    keys = ["model", "sft_seed", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "sft_schedule",
             "sft_fault_rate"]
     keys += ["lora", "lora_r", "lora_alpha", "dtype"] if cfg.model else \
         ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"]
@@ -106,8 +106,8 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
             if cfg.dtype != "float32":    # the frozen base in the autocast dtype (saved merged, in float32)
                 store_frozen_weights_in(model, getattr(torch, cfg.dtype))
     else:
-        tokenizer = train_tokenizer(corpus(env, tasks, cfg.template, cfg.rollout.schema_format), cfg.vocab_size,
-                                    cfg.template)
+        tokenizer = train_tokenizer(corpus(env, tasks, cfg.rollout.template, cfg.rollout.schema_format),
+                                    cfg.vocab_size, cfg.rollout.template)
         config = ModelConfig(
             model_type="llama", vocab_size=tokenizer.vocab_size, hidden_size=cfg.hidden_size,
             intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,

@@ -90,8 +90,8 @@ def test_sampling_logprobs_of_a_multi_step_rollout_equal_one_fresh_forward(env, 
         ep.rewards = [0.0] * len(ep.steps)
     batch = collate(episodes, tokenizer.pad_id)
     with torch.no_grad():
-        fresh = token_logprobs(tiny_model(batch["input_ids"], attention_mask=batch["attention_mask"]),
-                               batch["input_ids"])                                                     # (B, T)
+        logits = tiny_model(batch["input_ids"], attention_mask=batch["attention_mask"])              # (B, T, V)
+        fresh = token_logprobs(logits / cfg.temperature, batch["input_ids"])  # (B, T), at the sampling temperature
     m = batch["action_mask"]
     assert m.sum() > 100
     assert torch.allclose(fresh[m], batch["old_logprobs"][m], atol=1e-4)

@@ -1,0 +1,244 @@
+"""The configuration of `python train.py`: one dataclass per concern with a docstring under each field, the named
+presets, and the command line generated from them (every field is a flag: --lr, --gamma, --temperature, ...).
+
+Who calls it: train.py (parse_config, Config), which re-exports both, so `train.parse_config` and `train.Config` work.
+
+    Config()                      what `python train.py` runs (the tiny model trained from scratch)
+    PRESETS[name]                 values that differ from Config(), by field name: --preset smoke | smollm2
+    parse_config(argv)            the preset's Config with the flags on top, validated; --help shows every field
+
+Each concept is one field: the sampling temperature is RolloutConfig.temperature (PPO's ratio is computed at that
+temperature, passed in by train.py), the chat template RolloutConfig.template, the seed Config.seed. Field names are
+unique across Config and its sub-configs, so a flag name is a field name (tests/test_config.py checks it).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import os
+import textwrap
+from dataclasses import dataclass, field
+
+from ppo import PPOConfig
+from rewards import CONTRIBUTIONS, REWARDS, RewardConfig
+from rollout import RolloutConfig
+from tools.tasks import SUITES
+
+
+@dataclass
+class Config:
+    preset: str = "default"
+    """Named set of defaults (PRESETS): "default" (these values: the tiny model, ~10 min on 2 CPU cores), "smollm2"
+    (a pretrained model) or "smoke" (< 1 min, for CI). Flags given with it override the preset's values."""
+    out: str = "runs/default"
+    """Run directory: config.json, metrics.jsonl, checkpoints, final model."""
+    model: str = ""
+    """Start from a pretrained model: "smollm2" (SmolLM2-135M-Instruct, fetched and imported into --cache-dir on
+    first use) or a Hugging Face checkpoint directory. Empty: a tiny model trained from scratch."""
+    suite: str = "tiny"
+    """Task suite: tiny (small world, (entity, template) splits, for the from-scratch model) or large
+    (entity-disjoint splits, fixed unique val/test lists, one system prompt for all tasks)."""
+    seed: int = 0
+    """Seed of the RL phase: task sampling, rollouts, mini-batch shuffling, tool faults."""
+    device: str = "cpu"
+    """cpu | cuda (under torchrun each rank takes its own GPU)."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16 (autocast; float16 on CUDA only)."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --out."""
+    eval_only: bool = False
+    """Only evaluate on the test split: --model as it is (never fine-tuned), or the tiny model's SFT warm start."""
+    tasks: str = ""
+    """Evaluate on other tasks: "toolbench:PATH.json" (a ToolBench query file through the mocked-API import)."""
+    offline_data: str = ""
+    """Train on the authors' TSV format (prompt, response, reward per step) instead of online rollouts."""
+    # --- the task suite
+    n_val: int = 90
+    """Validation tasks, evaluated every --eval-every iterations."""
+    n_test: int = 150
+    """Test tasks, evaluated before RL (the SFT row) and after it."""
+    train_tasks: int = 4000
+    """Size of the pool of RL training tasks the iterations sample from."""
+    fault_rate: float = 0.0
+    """Fraction of tool calls that fail with an injected fault (timeout, server error, malformed body, ...)."""
+    # --- the warm start (sft.py): SFT on expert demonstrations, cached
+    cache_dir: str = "runs/cache"
+    """Where SFT warm starts and imported models (--model smollm2) are cached."""
+    vocab_size: int = 2048
+    """From scratch: BPE vocabulary size of the tokenizer trained on the task corpus."""
+    hidden_size: int = 128
+    """From scratch: model dimension C."""
+    num_layers: int = 2
+    """From scratch: transformer blocks."""
+    num_heads: int = 4
+    """From scratch: query heads H."""
+    num_kv_heads: int = 2
+    """From scratch: key/value heads K (grouped-query attention when K < H)."""
+    intermediate_size: int = 384
+    """From scratch: MLP dimension."""
+    sft_seed: int = 0
+    """Seed of the warm start, separate from --seed so RL seeds share one SFT model (as the paper's runs do)."""
+    sft_tasks: int = 4800
+    """Expert demonstrations for the warm start; 0 with --model: start RL from the checkpoint as it is."""
+    sft_epochs: int = 2
+    """Passes over the demonstrations."""
+    sft_batch: int = 8
+    """Demonstrations per SFT optimizer step."""
+    sft_lr: float = 1e-3
+    """Peak SFT learning rate (after a short linear warm-up)."""
+    sft_schedule: str = "cosine"
+    """cosine (decay to zero, from scratch) | constant (a pretrained model with LoRA)."""
+    sft_fault_rate: float = 0.0
+    """Fault rate of the tools the expert's demonstrations are recorded against; the expert retries failed calls."""
+    # --- LoRA (pretrained models)
+    lora: str = "auto"
+    """auto (on for --model, off from scratch) | on | off."""
+    lora_r: int = 16
+    """LoRA rank r."""
+    lora_alpha: int = 16
+    """LoRA scale α (the update is (α/r)·B·A)."""
+    # --- RL
+    reward: str = "step"
+    """step (StepTool's step-grained reward) | final (the PPO (Final Reward) baseline)."""
+    iters: int = 16
+    """RL iterations (rollout -> rewards -> PPO update)."""
+    episodes_per_iter: int = 64
+    """Episodes rolled out per iteration (the RL budget), whatever --group-size."""
+    group_size: int = 1
+    """Rollouts of each sampled task per iteration, for --advantage step-group (which compares them): an iteration
+    samples episodes-per-iter / group-size tasks."""
+    rollout_batch: int = 32
+    """Episodes decoded together in one batch (rollouts and evaluation)."""
+    lr: float = 2e-5
+    """Learning rate of the policy (AdamW, constant)."""
+    value_lr: float = 1e-3
+    """Learning rate of the value head. It starts at zero; at the policy's --lr it stayed near zero for a whole run
+    (explained variance ~0.01 after 48 iterations), which leaves GAE with returns-to-go and no baseline."""
+    eval_every: int = 4
+    """Evaluate on the validation tasks every this many iterations (and after the last)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept in --out (one per iteration is written)."""
+    detach_critic: bool = True
+    """Train the value head on the policy's hidden states without back-propagating into them. With a tiny model
+    the shared critic's gradient degraded the policy (README, "Results"); TRL's default shares the trunk."""
+    max_bad_iters: int = 3
+    """Stop after this many consecutive iterations whose every optimizer step was non-finite (and skipped)."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard) instead of DDP."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+# Values that differ from Config() by name; `--preset default` (or none) is Config() as it is.
+PRESETS = {
+    # SmolLM2-135M-Instruct on this 2-core CPU: the large suite, SFT through LoRA on 128 demonstrations (constant lr,
+    # the recipe that taught it the format in a few dozen steps), a bf16 frozen base, 8 RL iterations of 32 episodes.
+    "smollm2": dict(out="runs/smollm2", model="smollm2", suite="large", dtype="bfloat16", n_val=30, n_test=540,
+                    sft_tasks=128, sft_epochs=1, sft_batch=8, sft_lr=1e-3, sft_schedule="constant", lora_alpha=32,
+                    max_total_tokens=1536, iters=8, episodes_per_iter=32, lr=5e-5, kl_coef=0.05, eval_every=4),
+    # CI: a tiny model, 2 iterations of 8 episodes, < 1 min.
+    "smoke": dict(out="runs/smoke", n_val=12, n_test=18, train_tasks=400, vocab_size=512, hidden_size=64,
+                  num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2,
+                  episodes_per_iter=8, rollout_batch=8, eval_every=1, max_steps=4, max_action_tokens=48,
+                  max_total_tokens=640, ppo_epochs=1, temperature=1.0, kl_coef=0.05),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line, generated from the dataclasses: one flag per field, the nested configs flattened (--gamma, --alpha,
+# --temperature ...). Every field name is unique across Config and its sub-configs (a test checks it).
+
+
+def flat_fields(cfg):
+    """(the dataclass instance that holds it, field) for every leaf field of Config, nested configs flattened."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from flat_fields(value)
+        else:
+            yield cfg, f
+
+
+@functools.cache
+def docstrings(cls) -> dict:
+    """field name -> the string literal under it in the class body (the help text of its flag)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant)}
+
+
+def preset_config(name: str) -> Config:
+    """Config() with a preset's values set."""
+    cfg = Config(preset=name)
+    values = PRESETS.get(name, {})
+    for owner, f in flat_fields(cfg):
+        if f.name in values:
+            setattr(owner, f.name, values[f.name])
+    return cfg
+
+
+def parse_config(argv=None) -> Config:
+    """The preset (Config() by default) with the flags given on top; --help shows the preset's values."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default="default")
+    preset = first.parse_known_args(argv)[0].preset
+    parser = argparse.ArgumentParser(description="StepTool: SFT warm start, then step-grained PPO (python train.py).",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if preset != "default" and preset not in PRESETS:
+        parser.error(f"unknown --preset {preset!r}; choose from {['default', *sorted(PRESETS)]}")
+    cfg = preset_config(preset)
+    for owner, f in flat_fields(cfg):
+        default = getattr(owner, f.name)
+        text = f"{docstrings(type(owner)).get(f.name, '')} (default: {default})".strip().replace("%", "%%")
+        kind = {"int": int, "float": float, "str": str, "bool": bool}[getattr(f.type, "__name__", f.type)]
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=text)
+    args = vars(parser.parse_args(argv))
+    for owner, f in flat_fields(cfg):
+        setattr(owner, f.name, args[f.name])
+    try:
+        validate(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    return cfg
+
+
+def validate(cfg: Config):
+    """Out-of-range flags fail here with one line, before anything is built."""
+    checks = [
+        (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
+        (cfg.value_lr > 0, f"--value-lr must be > 0 (got {cfg.value_lr})"),
+        (0 <= cfg.ppo.gamma <= 1, f"--gamma must be in [0, 1] (got {cfg.ppo.gamma})"),
+        (0 <= cfg.ppo.lam <= 1, f"--lam must be in [0, 1] (got {cfg.ppo.lam})"),
+        (cfg.ppo.kl_coef >= 0, f"--kl-coef must be >= 0 (got {cfg.ppo.kl_coef})"),
+        (cfg.episodes_per_iter > 0, f"--episodes-per-iter must be > 0 (got {cfg.episodes_per_iter})"),
+        (cfg.rollout_batch > 0, f"--rollout-batch must be > 0 (got {cfg.rollout_batch})"),
+        (cfg.iters >= 0, f"--iters must be >= 0 (got {cfg.iters})"),
+        (cfg.rewards.alpha >= 0, f"--alpha must be >= 0 (got {cfg.rewards.alpha})"),
+        (0 <= cfg.fault_rate <= 1, f"--fault-rate must be in [0, 1] (got {cfg.fault_rate})"),
+        (0 <= cfg.sft_fault_rate <= 1, f"--sft-fault-rate must be in [0, 1] (got {cfg.sft_fault_rate})"),
+        (cfg.reward in REWARDS, f"--reward must be one of {sorted(REWARDS)} (got {cfg.reward!r})"),
+        (cfg.rewards.contribution in CONTRIBUTIONS,
+         f"--contribution must be one of {sorted(CONTRIBUTIONS)} (got {cfg.rewards.contribution!r})"),
+        (cfg.ppo.advantage in ("step", "token", "step-group"),
+         f"--advantage must be step, token or step-group (got {cfg.ppo.advantage!r})"),
+        (cfg.group_size >= 1 and cfg.episodes_per_iter % cfg.group_size == 0,
+         f"--group-size must be >= 1 and divide --episodes-per-iter (got {cfg.group_size})"),
+        (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),
+        (cfg.lora in ("auto", "on", "off"), f"--lora must be auto, on or off (got {cfg.lora!r})"),
+        (not cfg.model or cfg.model == "smollm2" or os.path.isdir(cfg.model),
+         f"--model {cfg.model}: no such directory (or use --model smollm2)"),
+        (cfg.suite in SUITES, f"--suite must be one of {sorted(SUITES)} (got {cfg.suite!r})"),
+        (cfg.sft_schedule in ("cosine", "constant"), f"--sft-schedule must be cosine or constant"),
+        (cfg.sft_tasks >= 0 and (cfg.sft_tasks > 0 or cfg.model), "--sft-tasks must be > 0 without --model"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
