@@ -440,28 +440,19 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 
-def _stop_table(stop_ids, B, dev):                   # list[int] or list[list[int]] -> (B, n) long, -1 padded
-    rows = [list(stop_ids)] * B if not stop_ids or isinstance(stop_ids[0], int) else [list(s) for s in stop_ids]
-    n = max(1, max(map(len, rows)))
-    return torch.tensor([r + [-1] * (n - len(r)) for r in rows], device=dev)
-
-
 @torch.no_grad()
 def decode(model, cache: KVCache, last_logits, max_new_tokens, stop_ids, temperature=1.0, top_k=0, top_p=1.0,
-           generator=None, stop_strings=None, tokenizer=None, check_every=8):
-    """Sample per row until a stop id (kept in the output) or its max_new_tokens; every sampled token enters the
-    cache (deviation 5). Returns (tokens, logprobs) as python lists."""
-    if stop_strings and tokenizer is None:
-        raise ValueError("decode: stop_strings need a tokenizer")
+           generator=None, check_every=8):
+    """Sample per row until one of `stop_ids` (kept in the output) or its max_new_tokens (an int, or one per row);
+    every sampled token enters the cache (deviation 5). Returns (tokens, logprobs) as python lists."""
     B, dev = last_logits.shape[0], last_logits.device
     max_new = torch.as_tensor(max_new_tokens, device=dev).long().expand(B)                   # (B,)
     n_steps = int(max_new.max()) if B else 0         # host sync, once
-    stops = _stop_table(stop_ids, B, dev)                                                    # (B, n)
+    stops = torch.tensor(list(stop_ids) or [-1], device=dev)                                # (n,); -1: none
     tokens = torch.zeros(B, n_steps, dtype=torch.long, device=dev)
     logps = torch.zeros(B, n_steps, dtype=torch.float32, device=dev)
     n_gen = torch.zeros(B, dtype=torch.long, device=dev)
     done = max_new <= 0
-    start, scanned = cache.length, [0] * B           # slot of each row's generated token j is start + j
     logits = last_logits
     for i in range(n_steps):
         tok, lp = sample(logits, temperature, top_k, top_p, generator)
@@ -471,40 +462,10 @@ def decode(model, cache: KVCache, last_logits, max_new_tokens, stop_ids, tempera
         done = done | (active & (tok[:, None] == stops).any(-1)) | (n_gen >= max_new)
         logits = model(tokens[:, i:i + 1], attention_mask=active[:, None], cache=cache)[:, -1]
         if (i + 1) % check_every == 0 or i + 1 == n_steps:
-            if stop_strings:
-                done = done | _stop_strings(tokens, n_gen, cache, start, scanned, stop_strings, tokenizer)
             if bool(done.all()):                     # host sync, once every `check_every` tokens
                 break
     n, toks, lps = n_gen.tolist(), tokens.tolist(), logps.tolist()                          # one transfer
     return [t[:k] for t, k in zip(toks, n)], [p[:k] for p, k in zip(lps, n)]
-
-
-def _stop_strings(tokens, n_gen, cache, start, scanned, stop_strings, tokenizer):
-    """Truncate rows whose text contains a stop string right after the token completing it: the tokens sampled
-    past it leave the output and their cache slots become holes, with next_pos rewound."""
-    hit = torch.zeros_like(n_gen, dtype=torch.bool)
-    n = n_gen.tolist()
-    for b, toks in enumerate(tokens.tolist()):
-        if n[b] <= scanned[b]:
-            continue
-        has = lambda k: any(s in tokenizer.decode(toks[:k]) for s in stop_strings)  # noqa: E731
-        if has(n[b]):
-            j = next(j for j in range(scanned[b], n[b]) if has(j + 1))
-            cache.valid[b, start + j + 1:start + n[b]] = False
-            cache.next_pos[b] -= n[b] - (j + 1)
-            n_gen[b], hit[b], n[b] = j + 1, True, j + 1
-        scanned[b] = n[b] if not hit[b] else 1 << 60    # a truncated row is finished: never rescan it
-    return hit
-
-
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens=64, stop_ids=None, **sampling):
-    """Convenience: a fresh cache, one extend over the prompts, one decode. -> (tokens, logprobs)"""
-    p = next(model.parameters())
-    cache = KVCache(model.config, len(prompts), max(map(len, prompts)) + int(torch.as_tensor(max_new_tokens).max()),
-                    p.device, p.dtype)
-    last = extend(model, cache, prompts)
-    return decode(model, cache, last, max_new_tokens, tokenizer.eos_ids if stop_ids is None else stop_ids,
-                  tokenizer=tokenizer, **sampling)
 
 
 # ------------------------------------------------------------------------------------------------- tokenizer
@@ -648,7 +609,7 @@ def _merged_state(model, state=None) -> dict:
     full = model.state_dict() if state is None else state
     state = {k: v for k, v in full.items() if ".lora_" not in k}
     for name, m in model.named_modules():
-        if isinstance(m, LoRALinear) and not m.merged:     # W + ΔW, ΔW = (α/r) B A
+        if isinstance(m, LoRALinear):                      # W + ΔW, ΔW = (α/r) B A
             weight, lora_A, lora_B = (full[f"{name}.{k}"] for k in ("weight", "lora_A", "lora_B"))
             state[name + ".weight"] = weight + (lora_B @ lora_A) * m.scale
     if model.config.tie_word_embeddings:
@@ -656,23 +617,10 @@ def _merged_state(model, state=None) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_pretrained(model, tokenizer, path, adapter_only=False, state=None):
-    """Write an HF checkpoint directory (LoRA merged into the weights), or with adapter_only the PEFT-style
-    adapter_model.safetensors + adapter_config.json. `state`: the model's full state dict when the model's own
-    parameters are shards (FSDP)."""
+def save_pretrained(model, tokenizer, path, state=None):
+    """Write an HF checkpoint directory, LoRA merged into the weights. `state`: the model's full state dict when the
+    model's own parameters are shards (FSDP)."""
     os.makedirs(path, exist_ok=True)
-    if adapter_only:
-        loras = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-        if not loras:
-            raise ValueError("save_pretrained(adapter_only=True): the model has no LoRA adapters")
-        m0 = next(iter(loras.values()))
-        tensors = {f"base_model.model.{n}.lora_{ab}.weight": getattr(m, f"lora_{ab}").detach().contiguous()
-                   for n, m in loras.items() for ab in "AB"}
-        _atomic(os.path.join(path, "adapter_model.safetensors"), lambda t: save_file(tensors, t, {"format": "pt"}))
-        _write_json(os.path.join(path, "adapter_config.json"), {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": m0.r, "lora_alpha": m0.alpha,
-            "lora_dropout": m0.dropout.p, "bias": "none", "target_modules": sorted({n.split(".")[-1] for n in loras})})
-        return
     tensors = _merged_state(model, state)
     _atomic(os.path.join(path, "model.safetensors"), lambda t: save_file(tensors, t, {"format": "pt"}))
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
@@ -681,22 +629,6 @@ def save_pretrained(model, tokenizer, path, adapter_only=False, state=None):
     _write_json(os.path.join(path, "generation_config.json"),
                 {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id})
     tokenizer.save(path)
-
-
-def save_value_head(head: ValueHead, path):
-    tensors = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-    _atomic(os.path.join(path, "value_head.safetensors"), lambda t: save_file(tensors, t, {"format": "pt"}))
-
-
-def load_value_head(path, hidden_size, device="cpu", dtype=torch.float32) -> ValueHead:
-    file = os.path.join(path, "value_head.safetensors")
-    if not os.path.exists(file):
-        raise FileNotFoundError(f"{file} not found")
-    with safe_open(file, framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    head = ValueHead(hidden_size)
-    head.load_state_dict(state)
-    return head.to(device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA
@@ -709,21 +641,12 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))                 # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))                # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))    # A random, B = 0 -> the adapter starts as a no-op
-        self.dropout, self.enabled, self.merged = nn.Dropout(dropout), True, False
+        self.dropout, self.enabled = nn.Dropout(dropout), True     # enabled False: the base model (lora_disabled)
         self.train(base.training)                    # an eval() model stays in eval mode (no LoRA dropout)
-
-    def delta(self):                                 # ΔW = (α/r) B A   (out, in)
-        return (self.lora_B @ self.lora_A) * self.scale
-
-    @torch.no_grad()
-    def merge(self, on: bool):                       # W <- W + ΔW (merge) or W - ΔW (unmerge); same outputs
-        if self.merged != on:
-            self.weight += self.delta() if on else -self.delta()
-            self.merged = on
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.enabled and not self.merged:     # adapters in their own dtype: a bf16 base runs without autocast too
+        if self.enabled:                         # adapters in their own dtype: a bf16 base runs without autocast too
             x = self.dropout(x).to(self.lora_A.dtype)
             y = y + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         return y
@@ -740,36 +663,14 @@ def add_lora(model, r=8, alpha=16, dropout=0.0,
     return model
 
 
-def _loras(model):
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
 @contextmanager
 def lora_disabled(model):
     """The frozen base model (the PPO reference policy) without a second copy in memory."""
-    loras = _loras(model)
-    merged = [m.merged for m in loras]
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for m in loras:
-        m.merge(False)
         m.enabled = False
     try:
         yield model
     finally:
-        for m, was in zip(loras, merged):
+        for m in loras:
             m.enabled = True
-            m.merge(was)
-
-
-def merge_lora(model):                               # no adapter cost at inference
-    for m in _loras(model):
-        m.merge(True)
-
-
-def unmerge_lora(model):
-    for m in _loras(model):
-        m.merge(False)
-
-
-def lora_state_dict(model) -> dict:
-    """Adapter weights only, under the model's own parameter names."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_" in k}

@@ -26,7 +26,8 @@ from gguf import GGMLQuantizationType as Q
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 import gguf_import
-from model import Tokenizer, generate, load_pretrained
+from helpers import generate
+from model import Tokenizer, load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
