@@ -1,6 +1,7 @@
 """Batched multi-step rollouts of a policy against the mocked tools, and their evaluation.
 
-Who calls it: train.py (SFT data from the scripted expert, RL rollouts, evaluation) and bench.py.
+Who calls it: sft.py (the scripted expert's demonstrations, ScriptedPolicy), train.py (RL rollouts, evaluation),
+bench.py.
 
 One episode is a ReAct conversation rendered in a chat template:
 
@@ -103,7 +104,9 @@ _THOUGHT = re.compile(r"Thought:[ \t]*(.*?)\s*(?=^\s*Action:|\Z)", re.M | re.S)
 
 
 def parse_action(text: str, truncated: bool = False) -> Action:
-    """Parse `Thought: ...\\nAction: NAME\\nAction Input: {json}`. Every failure becomes Action.error, never raises."""
+    """Parse `Thought: ...\\nAction: NAME\\nAction Input: {json}`. Every failure becomes Action.error, never raises.
+    The format is written in one place, tools.tasks.format_action (the expert's demonstrations); tools/ sits below
+    rollout.py and cannot import it. tests/test_parse_action.py checks that the two round-trip."""
     if truncated:
         return Action(error="Invalid action: the action was cut off at the length limit; keep actions short.")
     if not isinstance(text, str):
@@ -426,7 +429,7 @@ def episode_metrics(episodes: list[Episode]) -> dict:
 
 
 def evaluate(model, tokenizer, env, tasks, cfg: RolloutConfig, batch_size: int = 32, progress: bool = False,
-             fault_seed: int | None = None) -> dict:
+             fault_seed: int | None = None) -> tuple[dict, list[Episode]]:
     """Greedy rollouts on `tasks`; returns the metrics of `episode_metrics` and the episodes. With `fault_seed` the
     tools' fault stream restarts from it, so two models evaluated with one seed meet the same faults (a paired
     comparison; two draws of 30% faults alone moved a 300-task pass rate by 0.05)."""
