@@ -1,12 +1,16 @@
 """Speed and memory, measured against transformers and against the machine's own matmul peak, in one process.
 
     python bench.py [--device cpu|cuda] [--json out.json] [--quick]
+    python bench.py --model PATH|smollm2 [--cache-dir DIR] [--json FILE] [--quick]     (issue 16: the real model)
 
 Every figure is the median of repeated runs after a warm-up; comparisons are ratios measured in the same process
 (machines here are shared and noisy). transformers is only needed for the comparison columns.
 JSON keys (numbers, null where not measured): matmul_gflops_fp32, matmul_gflops_bf16, forward_ratio_vs_transformers,
 forward_ratio_vs_transformers_100m, train_step_ratio_vs_transformers, train_step_mfu_fp32, generate_ratio_vs_transformers,
 kv_continuation_work_ratio, kv_continuation_time_ratio, ppo_tokens_per_s, padding_fraction, ppo_iter_peak_rss_mb.
+With --model, only the real-model keys (see `bench_real`): real_forward_ratio_vs_transformers, real_ppo_step_ratio_vs_peft,
+real_generate_ratio_vs_transformers, real_iteration_s, real_iteration_phase_s, real_iteration_speedup,
+real_iteration_peak_rss_mb, padding_fraction (+ _off), and the use_sampling_logprobs figures.
 """
 from __future__ import annotations
 
@@ -179,15 +183,289 @@ def ppo_child(quick: bool):
                       "ppo_iter_peak_rss_mb": rss}))
 
 
+# ======================================================================================================================
+# The real model (issue 16): SmolLM2-135M-Instruct + LoRA on the large suite.
+# Every comparison runs both sides in one process on the same weights, dtype (bfloat16) and thread count, in turn
+# (A B A B ...), and reports the median of each: the cores are shared with other jobs, and a ratio measured side by
+# side survives that far better than two absolute times measured minutes apart.
+
+BF16 = torch.bfloat16
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The sizes of issue 16 ("full"), and a "quick" set (--quick) that finishes on a busy machine: not comparable to full.
+REAL_SIZES = {
+    "full": dict(forward=(4, 512), ppo_episodes=8, generate=(32, 64), repeat=3, episodes=32, flags=[]),
+    "quick": dict(forward=(2, 256), ppo_episodes=2, generate=(8, 16), repeat=1, episodes=4,
+                  flags=["--max-steps", "2", "--max-action-tokens", "48"]),
+}
+
+
+def alternate(fns: dict, repeat: int) -> dict:
+    """One warm-up call of each, then `repeat` rounds calling each in turn -> {name: median seconds}."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def smollm2_config(episodes: int, flags=()):
+    """The settings of the real run (train.py --preset smollm2): LoRA rank/alpha, rollout, rewards, PPO."""
+    import train
+    return train.parse_config(["--preset", "smollm2", "--episodes-per-iter", str(episodes), *flags])
+
+
+def expert_episodes(tok, n: int, seed: int = 0):
+    """n rollout-shaped episodes (prompt, actions, observations) of the large suite's train split, by the expert."""
+    from rollout import RolloutConfig, ScriptedPolicy, rollout
+    from tools import Expert, make_suite
+    suite, cfg = make_suite("large"), RolloutConfig(max_total_tokens=1536)
+    return rollout(ScriptedPolicy(Expert(), tok, cfg), suite.tasks("train", n, seed=seed), suite.environment(), tok,
+                   cfg)
+
+
+def hf_bf16(path):
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=BF16).eval()
+
+
+def bench_real_forward(path, tok, repeat, B=4, T=512):
+    """Full logits of B real episodes cut to T tokens, no grad: ours vs transformers, bf16 weights, bf16 autocast."""
+    from model import load_pretrained
+    ids = torch.tensor([ep.token_ids[:T] for ep in expert_episodes(tok, B)])    # (B, T); every episode is longer
+    ours, hf = load_pretrained(path, dtype=BF16)[0], hf_bf16(path)
+    with torch.no_grad(), torch.autocast("cpu", BF16):
+        t = alternate({"ours": lambda: ours(ids), "hf": lambda: hf(input_ids=ids).logits}, repeat)
+    return {"real_forward_ratio_vs_transformers": t["hf"] / t["ours"], "real_forward_tokens_per_s": B * T / t["ours"]}
+
+
+def bench_real_ppo_step(path, tok, cfg, repeat, n_episodes=8):
+    """One PPO micro-batch of expert episodes: forward, loss = −Σ log π(action tokens) / their count, backward, with
+    LoRA (rank, alpha of the preset) on all 7 projections, bf16 autocast. Ours: frozen base stored in bf16, the shared
+    prompt once, the LM head only where it predicts an action token. Reference: transformers + peft, full logits,
+    float32 log_softmax and gather (TRL's logprobs_from_logits), masked to the action tokens."""
+    import peft
+    from model import add_lora, load_pretrained, store_frozen_weights_in
+    from ppo import predictors, token_logprobs
+    from rollout import collate
+    batch = collate(expert_episodes(tok, n_episodes), tok.pad_id, shared_prefix=True)
+    ids, att, am, P = batch["input_ids"], batch["attention_mask"], batch["action_mask"], batch["prefix_len"]
+    n = am.sum()
+    model = store_frozen_weights_in(add_lora(load_pretrained(path)[0], r=cfg.lora_r, alpha=cfg.lora_alpha), BF16)
+    ours = PolicyWithValue(model.train(), ValueHead(model.config.hidden_size))
+    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                           task_type="CAUSAL_LM")
+    hf = peft.get_peft_model(hf_bf16(path), lora).train()      # adapters float32 (peft's autocast_adapter_dtype)
+    losses = {}
+
+    def ours_step():
+        with torch.autocast("cpu", BF16):
+            logits, _ = ours(ids, att, prefix_len=P, logits_at=predictors(am))    # (N, V) at action predictors
+            loss = -token_logprobs(logits, ids, targets=am).sum() / n
+        loss.backward()
+        ours.zero_grad(set_to_none=True)
+        losses["ours"] = loss.item()
+
+    def hf_step():
+        with torch.autocast("cpu", BF16):
+            logits = hf(input_ids=ids, attention_mask=att).logits                  # (B, T, V)
+        logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)   # (B, T−1)
+        loss = -logp[am[:, 1:]].sum() / n
+        loss.backward()
+        hf.zero_grad(set_to_none=True)
+        losses["peft"] = loss.item()
+    t = alternate({"ours": ours_step, "peft": hf_step}, repeat)
+    return {"real_ppo_step_ratio_vs_peft": t["peft"] / t["ours"], "real_ppo_step_s": t["ours"],
+            "real_ppo_step_tokens": int(att.sum()), "real_ppo_step_loss": losses}    # the losses agree: same task
+
+
+def bench_real_generate(path, tok, cfg, repeat, B=32, N=64):
+    """B real large-suite prompts, N sampled tokens each (no stop): our rollout path (ModelPolicy.start + act: KV
+    cache, the shared system prompt prefilled once) vs transformers.generate (left padding, min_new_tokens = N)."""
+    from dataclasses import replace
+    from model import load_pretrained
+    from rollout import TEMPLATES, ModelPolicy, system_prompt
+    from tools import make_suite
+    suite = make_suite("large")
+    env, template = suite.environment(), TEMPLATES[cfg.rollout.template]
+    prompts = [tok.encode(template.prompt.format(system=system_prompt(env, task, cfg.rollout.schema_format),
+                                                 user=task.query)) for task in suite.tasks("train", B, seed=0)]
+    ours, hf = load_pretrained(path, dtype=BF16)[0], hf_bf16(path)
+    T = cfg.rollout.temperature
+    one_step = replace(cfg.rollout, max_steps=1, max_action_tokens=N, max_obs_tokens=0)   # cache sized for N tokens
+
+    def ours_generate():
+        policy = ModelPolicy(ours, tok, one_step, torch.Generator().manual_seed(0))
+        policy.stop_ids = []                         # NOTE: no stop token, so every row samples N tokens, like HF's
+        policy.start(prompts)
+        tokens, _ = policy.act(None, [N] * B)
+        assert all(len(t) == N for t in tokens)
+    W = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_id] * (W - len(p)) + p for p in prompts])              # (B, W), left padding
+    mask = torch.tensor([[0] * (W - len(p)) + [1] * len(p) for p in prompts])
+
+    def hf_generate():
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, do_sample=True, temperature=T, top_k=0, top_p=1.0,
+                              max_new_tokens=N, min_new_tokens=N, pad_token_id=tok.pad_id)
+        assert out.shape[1] == W + N
+    t = alternate({"ours": ours_generate, "hf": hf_generate}, repeat)
+    return {"real_generate_ratio_vs_transformers": t["hf"] / t["ours"], "real_generate_tokens_per_s": B * N / t["ours"],
+            "real_generate_prompt_tokens": sum(map(len, prompts))}
+
+
+def sampling_vs_fresh(policy, batch, ppo_cfg, temperature):
+    """The tolerance question of use_sampling_logprobs: |log π from the rollout − log π of a fresh training forward|
+    on action tokens (bf16), and ppo_update's no-grad pass (1) timed with log-probs and with values only."""
+    from ppo import pack_microbatches, predictors, token_logprobs
+    ids, att, am, P = batch["input_ids"], batch["attention_mask"], batch["action_mask"], batch["prefix_len"]
+    lengths = att.sum(1).tolist()
+    fresh, t = torch.zeros(ids.shape), {"with_logprobs": 0.0, "values_only": 0.0}
+    with torch.no_grad(), torch.autocast("cpu", BF16):
+        for mb in pack_microbatches([n - P for n in lengths], ppo_cfg.token_budget):
+            idx, L = torch.tensor(mb), max(lengths[i] for i in mb)
+            x, a, targets = ids[idx, :L], att[idx, :L], am[idx, :L]
+            t0 = time.perf_counter()
+            logits, _ = policy(x, a, prefix_len=P, logits_at=predictors(targets))
+            fresh[idx, :L] = token_logprobs(logits / temperature, x, targets=targets)
+            t1 = time.perf_counter()
+            policy(x, a, prefix_len=P, logits_at=torch.zeros_like(targets))           # V only: no LM head
+            t["with_logprobs"], t["values_only"] = t["with_logprobs"] + t1 - t0, t["values_only"] + time.perf_counter() - t1
+    diff = (fresh - batch["old_logprobs"])[am].abs()
+    return {"sampling_logprob_max_abs_diff": diff.max().item(), "sampling_logprob_mean_abs_diff": diff.mean().item(),
+            "old_logprobs_pass_s": t}
+
+
+def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> dict:
+    """One StepTool iteration of the smollm2 preset (rollout at its temperature, step rewards, collate, ppo_update
+    against the LoRA-disabled reference) with every speed feature on, or all off: shared prefix (rollout and
+    collate), action-only logits, frozen base in bf16 (off: float32, cast by autocast in training; rollouts run
+    without autocast, as in train.py, so in float32), use_sampling_logprobs. Phase times from timestamps: the
+    rollout (+ rewards, collate); ppo_update's pass (1) until its first grad-enabled policy call, split into the
+    reference calls and the rest (π_old, V_old, advantages); the update from there to the end."""
+    from model import add_lora, forward_with_prefix, load_pretrained, lora_disabled, store_frozen_weights_in
+    from ppo import ppo_update, predictors, token_logprobs
+    from rewards import REWARDS
+    from rollout import ModelPolicy, collate, rollout
+    from tools import make_suite
+    cfg = smollm2_config(episodes, flags)
+    cfg.rollout.shared_prefix = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
+    temperature = cfg.rollout.temperature           # π is softmax(logits / T), the distribution that was sampled
+    torch.manual_seed(seed)
+    model, tok = load_pretrained(path)
+    add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
+    if on:
+        store_frozen_weights_in(model, BF16)
+    value_head = ValueHead(model.config.hidden_size)
+    policy = PolicyWithValue(model, value_head, detach_critic=cfg.detach_critic)
+    actor = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": actor, "lr": cfg.lr},
+                                   {"params": list(value_head.parameters()), "lr": cfg.value_lr}], weight_decay=0.0)
+    suite = make_suite("large")
+    env, tasks, gen = suite.environment(), suite.tasks("train", episodes, seed=seed + 1), torch.Generator().manual_seed(seed)
+
+    t0 = time.perf_counter()
+    model.eval()
+    eps = []
+    for i in range(0, episodes, cfg.rollout_batch):
+        eps += rollout(ModelPolicy(model, tok, cfg.rollout, gen), tasks[i:i + cfg.rollout_batch], env, tok, cfg.rollout)
+    for ep in eps:
+        ep.rewards = REWARDS[cfg.reward](ep, cfg.rewards)
+    batch = collate(eps, tok.pad_id, shared_prefix=on)
+    t_rollout = time.perf_counter() - t0
+    model.train()
+    extra = sampling_vs_fresh(policy, batch, cfg.ppo, temperature) if on else {}        # not timed
+    marks = {"reference": 0.0, "first_grad": None}
+
+    def timed_policy(*args, **kwargs):
+        if torch.is_grad_enabled() and marks["first_grad"] is None:
+            marks["first_grad"] = time.perf_counter()
+        return policy(*args, **kwargs)
+
+    def reference(input_ids, attention_mask, prefix_len=0, targets=None):   # train.py's: the policy, adapters off
+        t = time.perf_counter()
+        with lora_disabled(model):
+            logits, _ = forward_with_prefix(model, input_ids, attention_mask, prefix_len,
+                                            None if targets is None else predictors(targets))
+        out = token_logprobs(logits / temperature, input_ids, targets=targets)
+        marks["reference"] += time.perf_counter() - t
+        return out
+    t1 = time.perf_counter()
+    stats = ppo_update(timed_policy, optimizer, batch, cfg.ppo, reference_logprobs_fn=reference, autocast_dtype=BF16,
+                       generator=gen, temperature=temperature)
+    t2 = time.perf_counter()
+    phases = {"rollout": t_rollout, "old_logprobs": marks["first_grad"] - t1 - marks["reference"],
+              "reference": marks["reference"], "update": t2 - marks["first_grad"]}
+    return {"s": t2 - t0, "phase_s": phases, "padding_fraction": stats["padding_fraction"],
+            "tokens": int(batch["attention_mask"].sum()), "action_tokens": int(batch["action_mask"].sum()),
+            "steps": sum(len(ep.steps) for ep in eps), "prefix_len": batch["prefix_len"], **extra}
+
+
+def real_iteration_child(path, size):
+    """In a fresh process: the iteration with everything on (its peak RSS read right after it), then all off."""
+    s = REAL_SIZES[size]
+    on = real_iteration(path, s["episodes"], True, s["flags"])
+    on["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # includes loading the model
+    off = real_iteration(path, s["episodes"], False, s["flags"])
+    off["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # the process peak so far
+    print(json.dumps({"on": on, "off": off}))
+
+
+def bench_real(path, size, json_file="") -> dict:
+    from model import Tokenizer
+    s = REAL_SIZES[size]
+    with open(f"{path}/config.json") as f:
+        cfg, tok = smollm2_config(s["episodes"], s["flags"]), Tokenizer.from_dir(path, json.load(f))
+    r = {"size": size, "threads": torch.get_num_threads(), "model": path}
+    for part in (lambda: bench_real_forward(path, tok, s["repeat"], *s["forward"]),
+                 lambda: bench_real_ppo_step(path, tok, cfg, s["repeat"], s["ppo_episodes"]),
+                 lambda: bench_real_generate(path, tok, cfg, s["repeat"], *s["generate"])):
+        r |= part()
+        if json_file:                                # each part as it finishes: a long run leaves partial results
+            report(r, json_file, quiet=True)
+    child = subprocess.run([sys.executable, __file__, "--model", path, "--iteration-child"] + ["--quick"] * (size == "quick"),
+                           stdout=subprocess.PIPE, text=True, check=True)
+    it = json.loads(child.stdout.strip().splitlines()[-1])
+    on, off = it["on"], it["off"]
+    r.update(real_iteration_s=on["s"], real_iteration_phase_s=on["phase_s"], real_iteration_off_s=off["s"],
+             real_iteration_off_phase_s=off["phase_s"], real_iteration_speedup=off["s"] / on["s"],
+             real_iteration_peak_rss_mb=on["peak_rss_mb"], real_iteration_off_peak_rss_mb=off["peak_rss_mb"],
+             padding_fraction=on["padding_fraction"], padding_fraction_off=off["padding_fraction"],
+             real_iteration_episodes=s["episodes"],
+             real_iteration_tokens={"on": on["tokens"], "off": off["tokens"]},
+             real_iteration_action_tokens={"on": on["action_tokens"], "off": off["action_tokens"]},
+             real_iteration_prefix_len=on["prefix_len"],
+             sampling_logprob_max_abs_diff=on["sampling_logprob_max_abs_diff"],
+             sampling_logprob_mean_abs_diff=on["sampling_logprob_mean_abs_diff"],
+             # use_sampling_logprobs skips no computation today: pass (1) still runs the forward for V_old; what a
+             # values-only pass (1) would save is with_logprobs − values_only
+             old_logprobs_pass_s=on["old_logprobs_pass_s"],
+             use_sampling_logprobs_could_save_s=on["old_logprobs_pass_s"]["with_logprobs"]
+             - on["old_logprobs_pass_s"]["values_only"])
+    return r
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default="")
     parser.add_argument("--quick", action="store_true", help="small sizes, ~1 minute")
+    parser.add_argument("--model", default="", help="PATH of an imported checkpoint, or smollm2: the real-model keys")
+    parser.add_argument("--cache-dir", default="runs/cache", help="where --model smollm2 is fetched and imported")
     parser.add_argument("--ppo-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--iteration-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ppo_child:
         return ppo_child(args.quick)
+    if args.iteration_child:
+        return real_iteration_child(args.model, "quick" if args.quick else "full")
+    if args.model:
+        from gguf_import import resolve_model
+        size = "quick" if args.quick else "full"
+        return report(bench_real(resolve_model(args.model, args.cache_dir), size, args.json), args.json)
     dev, repeat = args.device, 3 if args.quick else 5
     torch.manual_seed(0)
     import train
@@ -214,11 +492,18 @@ def main():
     child = subprocess.run([sys.executable, __file__, "--ppo-child"] + (["--quick"] if args.quick else []),
                            capture_output=True, text=True, check=True)
     r.update(json.loads(child.stdout.strip().splitlines()[-1]))
-    width = max(map(len, r))
-    for k, v in r.items():
+    report(r, args.json)
+
+
+def report(r: dict, json_file: str, quiet=False):
+    """Print the table (nested dicts one row per entry) and write the JSON."""
+    rows = [(f"{k}.{k2}" if isinstance(v, dict) else k, x) for k, v in r.items()
+            for k2, x in (v.items() if isinstance(v, dict) else [(None, v)])]
+    width = max(len(k) for k, _ in rows)
+    for k, v in [] if quiet else rows:
         print(f"{k:<{width}}  {'null' if v is None else f'{v:.3f}' if isinstance(v, float) else v}")
-    if args.json:
-        with open(args.json, "w") as f:
+    if json_file:
+        with open(json_file, "w") as f:
             json.dump(r, f, indent=1)
 
 
