@@ -13,9 +13,11 @@ Deviations from the paper (numbered; the paper's own values are in ../shared/PAP
  1. Online: rollouts are sampled from the current policy every iteration (the authors trained offline on fixed,
     GPT-4-annotated trajectories; `--offline-data` does that).
  2. The default model is tiny and trained from scratch on expert trajectories, so the whole run fits a laptop CPU;
-    `--model PATH` takes any Llama/Mistral/Qwen checkpoint, with LoRA on by default as in the paper.
- 3. Hyper-parameters are scaled to the tiny model (lr, batch sizes, KL coefficient); γ, λ and the clip ranges are
-    the paper's.
+    `--model PATH|smollm2` takes a Llama/Mistral/Qwen checkpoint (SmolLM2-135M is fetched and imported), SFT-warm-
+    started through LoRA (sft.py), then RL with fresh adapters, LoRA on by default as in the paper.
+ 3. Hyper-parameters are scaled to the model (lr, batch sizes, KL coefficient); γ, λ and the ratio clip are the
+    paper's; the value loss is not clipped by default and actor and critic are clipped on separate gradient norms
+    (ppo.py contract 2, README "Choices that differ").
  4. The value head has a learning rate of its own (--value-lr, 50x the policy's): it starts at zero, and at the
     policy's rate it never learned within a run (the authors' TRL setup shares one rate).
 """
