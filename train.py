@@ -100,6 +100,30 @@ def uses_lora(cfg: Config) -> bool:
     return cfg.lora == "on" or (cfg.lora == "auto" and bool(cfg.model))
 
 
+# Flags that may change when a run is resumed; any other change would continue one experiment as another (seen: a
+# resume with another --token-budget retrained the SFT warm start under the checkpoint's adapters).
+RESUMABLE_CHANGES = {"resume", "iters", "eval_every", "keep_checkpoints", "max_bad_iters"}
+
+
+def check_resume(cfg: Config):
+    """--resume: refuse, in one line, a checkpoint saved with other settings (before any work is done)."""
+    path = cfg.resume and checkpoint.latest(cfg.out)
+    if not path:
+        return
+    flat = lambda c: {f"{k}.{j}" if isinstance(v, dict) else k: w for k, v in c.items()  # noqa: E731
+                      for j, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            saved = flat(json.load(f)["config"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
+    for key, value in flat(asdict(cfg)).items():
+        if key.split(".")[-1] not in RESUMABLE_CHANGES and saved.get(key, value) != value:
+            flag = "--" + key.split(".")[-1].replace("_", "-")
+            raise ValueError(f"cannot resume from {path}: it was saved with {flag} {saved[key]}, not {value}; "
+                             f"resume with the settings it started with")
+
+
 def load_model(cfg: Config, suite, d, device, say):
     """-> (model, tokenizer): the SFT warm start (sft.py, cached), or --model as it is (--eval-only, --sft-tasks 0,
     --offline-data); then LoRA adapters for a pretrained model. Weights stay float32 and --dtype picks autocast, except
@@ -248,6 +272,7 @@ def main(cfg: Config) -> dict:
     train_tasks = suite.tasks("train", cfg.train_tasks, seed=1)
 
     # --- warm start: the SFT model (or --model as it is), evaluated: the SFT row of the final table
+    check_resume(cfg)
     model, tokenizer = load_model(cfg, suite, d, device, say)
     if cfg.eval_only:
         return evaluate_only(cfg, model, tokenizer, env, test_tasks, d, say)

@@ -187,3 +187,16 @@ def test_step_group_trains_without_a_value_head_on_groups_of_rollouts_of_one_tas
 def test_a_group_size_that_does_not_divide_the_episodes_is_a_one_line_error():
     result = train("--preset", "smoke", "--advantage", "step-group", "--group-size", "3")
     assert result.returncode == 2 and "--group-size must be >= 1 and divide --episodes-per-iter" in result.stderr
+
+
+@pytest.mark.slow
+def test_resuming_with_other_settings_is_refused_in_one_line_but_more_iterations_are_fine(tmp_path, cache):
+    out, flags = str(tmp_path / "run"), ["--preset", "smoke", "--iters", "1", "--cache-dir", cache]
+    assert train(*flags, "--out", out).returncode == 0
+    changed = train(*flags, "--out", out, "--resume", "--token-budget", "2048")
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines()[-1].startswith("error: cannot resume from")
+    assert "--token-budget 4096, not 2048" in changed.stderr
+    longer = train("--preset", "smoke", "--iters", "2", "--cache-dir", cache, "--out", out, "--resume")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "resumed from" in longer.stdout
