@@ -123,14 +123,21 @@ def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chu
     pred, target = logits[:, :-1], input_ids[:, 1:]  # (B, T−1, V), (B, T−1)
     lps, ents = [torch.zeros(B, 1, device=logits.device)], [torch.zeros(B, 1, device=logits.device)]
     for i in range(0, T - 1, chunk):
-        lf = pred[:, i:i + chunk].float()  # (B, c, V)
-        lse = lf.logsumexp(-1)  # (B, c)
-        lps.append(lf.gather(-1, target[:, i:i + chunk, None]).squeeze(-1) - lse)  # log p = z_y − logsumexp(z)
-        if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                ents.append(lse - (lf.softmax(-1) * lf).sum(-1))  # H = logsumexp(z) − Σ p·z
+        lp, ent = _logprob_entropy(pred[:, i:i + chunk].float(), target[:, i:i + chunk], with_entropy, entropy_grad)
+        lps.append(lp)  # (B, c)
+        ents.append(ent)
     lp = torch.cat(lps, 1)  # (B, T)
     return (lp, torch.cat(ents, 1)) if with_entropy else lp
+
+
+def _logprob_entropy(lf, y, with_entropy, entropy_grad):
+    """float32 logits (..., V), tokens (...) -> log p of the tokens (...), entropy (...) or None."""
+    lse = lf.logsumexp(-1)
+    lp = lf.gather(-1, y[..., None]).squeeze(-1) - lse  # log p = z_y − logsumexp(z)
+    if not with_entropy:
+        return lp, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return lp, lse - (lf.softmax(-1) * lf).sum(-1)  # H = logsumexp(z) − Σ p·z
 
 
 def _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk):
@@ -139,12 +146,9 @@ def _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chu
     chunk = chunk or max(1, 2**25 // logits.shape[-1])
     lps, ents = [], []
     for i in range(0, len(y), chunk):
-        lf = logits[i:i + chunk].float()  # (c, V)
-        lse = lf.logsumexp(-1)
-        lps.append(lf.gather(-1, y[i:i + chunk, None]).squeeze(-1) - lse)
-        if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                ents.append(lse - (lf.softmax(-1) * lf).sum(-1))
+        lp, ent = _logprob_entropy(logits[i:i + chunk].float(), y[i:i + chunk], with_entropy, entropy_grad)
+        lps.append(lp)  # (c,)
+        ents += [ent] if with_entropy else []
     zeros = torch.zeros(scored.shape, device=logits.device)
     lp = zeros.masked_scatter(scored, torch.cat(lps)) if lps else zeros  # (B, T)
     if not with_entropy:
