@@ -137,11 +137,12 @@ class Config:
 PRESETS = {
     # SmolLM2-135M-Instruct on this 2-core CPU, sized to finish in about an hour: the large suite, SFT through LoRA on
     # 128 demonstrations (constant lr, the recipe that taught it the format in a few dozen steps), a bf16 frozen base,
-    # 4 RL iterations of 32 episodes, the first 90 test tasks (30 per group; the experiment passes --n-test 540).
-    # A training process peaks at 9-12 GB here (token_budget 4096); two at once need --token-budget 2048.
-    "smollm2": dict(out="runs/smollm2", model="smollm2", suite="large", dtype="bfloat16", n_val=15, n_test=90,
-                    sft_tasks=128, sft_epochs=1, sft_batch=8, sft_lr=1e-3, sft_schedule="constant", lora_alpha=32,
-                    max_total_tokens=1536, iters=4, episodes_per_iter=32, lr=5e-5, kl_coef=0.05, eval_every=4),
+    # 4 RL iterations of 32 episodes after 64 SFT steps, the first 180 test tasks (60 per group). token_budget 2048
+    # keeps a training process near 6 GB, so two runs fit side by side (at 4096 one peaked at 9-12 GB).
+    "smollm2": dict(out="runs/smollm2", model="smollm2", suite="large", dtype="bfloat16", n_val=15, n_test=180,
+                    sft_tasks=512, sft_epochs=1, sft_batch=8, sft_lr=1e-3, sft_schedule="constant", lora_alpha=32,
+                    max_total_tokens=1536, iters=4, episodes_per_iter=32, lr=5e-5, kl_coef=0.05, eval_every=4,
+                    token_budget=2048),
     # CI: a tiny model, 2 iterations of 8 episodes, < 1 min.
     "smoke": dict(out="runs/smoke", n_val=12, n_test=18, train_tasks=400, vocab_size=512, hidden_size=64,
                   num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2,

@@ -86,7 +86,7 @@ def demonstration_env(cfg, suite) -> Environment:
 
 
 def warm_start(cfg, suite, model_dir: str, device, log=print):
-    """Return (model, tokenizer) of the SFT warm start, training it (and caching it) if needed.
+    """Return (model, tokenizer, cache directory) of the SFT warm start, training it (and caching it) if needed.
 
     From scratch (model_dir ""): a tokenizer and a tiny Llama trained on the suite's demonstrations. From a
     pretrained checkpoint: its own tokenizer and chat template, fine-tuned through LoRA (--lora auto/on) or fully
@@ -95,7 +95,7 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
     cache_dir = os.path.join(cfg.cache_dir, f"sft-{sft_hash(cfg, suite)}")
     if os.path.exists(os.path.join(cache_dir, "config.json")):
         log(f"SFT warm start: cached at {cache_dir}")
-        return load_pretrained(cache_dir, device=device)
+        return (*load_pretrained(cache_dir, device=device), cache_dir)
     t0 = time.time()
     env = demonstration_env(cfg, suite)
     tasks = suite.tasks("sft", cfg.sft_tasks, seed=cfg.sft_seed)
@@ -125,7 +125,7 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
     model.eval()
     save_pretrained(model, tokenizer, cache_dir)          # LoRA merged into the weights
     log(f"SFT warm start: {len(episodes)} expert episodes, {time.time() - t0:.0f}s, saved to {cache_dir}")
-    return load_pretrained(cache_dir, device=device) if model_dir else (model, tokenizer)
+    return (*(load_pretrained(cache_dir, device=device) if model_dir else (model, tokenizer)), cache_dir)
 
 
 def sft_train(model, episodes, pad_id: int, cfg, device, log=print):

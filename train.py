@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import os
 import random
@@ -131,18 +132,19 @@ def load_model(cfg: Config, suite, d, device, say):
     if not d.main:                        # rank 0 imports / trains and caches while the others wait; then they load
         distributed.barrier(d)
     model_dir = resolve_model(cfg.model, cfg.cache_dir, log=say) if cfg.model else ""
+    warm_start_dir = ""
     if model_dir and (cfg.eval_only or cfg.sft_tasks == 0 or cfg.offline_data):
         model, tokenizer = load_pretrained(model_dir, device=device)
     else:
         from sft import warm_start
-        model, tokenizer = warm_start(cfg, suite, model_dir, device, log=say)
+        model, tokenizer, warm_start_dir = warm_start(cfg, suite, model_dir, device, log=say)
     if d.main:
         distributed.barrier(d)
     if uses_lora(cfg):
         add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
         if cfg.dtype != "float32":        # frozen base in the autocast dtype; adapters and optimizer stay float32
             store_frozen_weights_in(model, getattr(torch, cfg.dtype))
-    return model, tokenizer
+    return model, tokenizer, warm_start_dir
 
 
 def evaluate_split(cfg: Config, model, tokenizer, env, tasks, d, progress=False):
@@ -155,6 +157,27 @@ def evaluate_split(cfg: Config, model, tokenizer, env, tasks, d, progress=False)
                                progress=progress and d.main, fault_seed=-1 - cfg.seed)
     episodes = distributed.gather(episodes, d)
     return episode_metrics(episodes), episodes
+
+
+def evaluate_warm_start(cfg: Config, model, tokenizer, env, tasks, d, warm_start_dir: str):
+    """The SFT row: (metrics, {task id: IsSolved}) of the warm start on `tasks`. Every method and seed of an experiment
+    starts from the same cached warm start, so its evaluation is cached next to it (greedy decoding: the result
+    depends only on the model, the tasks and the rollout settings, plus the fault stream when faults are on)."""
+    key = json.dumps({"tasks": [t.id for t in tasks], "rollout": asdict(cfg.rollout), "batch": cfg.rollout_batch,
+                      "world": d.world, "fault_rate": cfg.fault_rate, "fault_seed": cfg.seed if cfg.fault_rate else 0,
+                      "lora": [uses_lora(cfg), cfg.lora_r, cfg.lora_alpha, cfg.dtype]}, sort_keys=True)
+    path = warm_start_dir and os.path.join(warm_start_dir, f"eval-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
+    if path and os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        return cached["metrics"], cached["outcomes"]
+    metrics, episodes = evaluate_split(cfg, model, tokenizer, env, tasks, d, progress=True)
+    outcomes = {ep.task.id: ep.solved for ep in episodes}
+    if path and d.main:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"metrics": metrics, "outcomes": outcomes}, f)
+        os.replace(path + ".tmp", path)
+    return metrics, outcomes
 
 
 def evaluate_only(cfg: Config, model, tokenizer, env, test_tasks, d, say) -> dict:
@@ -273,11 +296,11 @@ def main(cfg: Config) -> dict:
 
     # --- warm start: the SFT model (or --model as it is), evaluated: the SFT row of the final table
     check_resume(cfg)
-    model, tokenizer = load_model(cfg, suite, d, device, say)
+    model, tokenizer, warm_start_dir = load_model(cfg, suite, d, device, say)
     if cfg.eval_only:
         return evaluate_only(cfg, model, tokenizer, env, test_tasks, d, say)
-    sft_val, _ = evaluate_split(cfg, model, tokenizer, env, val_tasks, d, progress=True)
-    sft_test, sft_episodes = evaluate_split(cfg, model, tokenizer, env, test_tasks, d, progress=True)
+    sft_val, _ = evaluate_warm_start(cfg, model, tokenizer, env, val_tasks, d, warm_start_dir)
+    sft_test, sft_outcomes = evaluate_warm_start(cfg, model, tokenizer, env, test_tasks, d, warm_start_dir)
     say(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
 
     # --- policy + critic, reference policy, optimizer (and the state of a resumed run)
@@ -356,7 +379,7 @@ def main(cfg: Config) -> dict:
     outcomes = lambda episodes: {ep.task.id: ep.solved for ep in episodes}  # noqa: E731
     result = {"sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history,
               "config": asdict(cfg), "test_task_groups": {t.id: t.group for t in test_tasks},
-              "sft_test_outcomes": outcomes(sft_episodes), "test_outcomes": outcomes(final_episodes)}
+              "sft_test_outcomes": sft_outcomes, "test_outcomes": outcomes(final_episodes)}
     if d.main:
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -200,3 +200,21 @@ def test_resuming_with_other_settings_is_refused_in_one_line_but_more_iterations
     longer = train("--preset", "smoke", "--iters", "2", "--cache-dir", cache, "--out", out, "--resume")
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert "resumed from" in longer.stdout
+
+
+@pytest.mark.slow
+def test_the_warm_start_is_evaluated_once_and_a_second_run_reads_the_same_sft_row(tmp_path, cache, monkeypatch):
+    import train as T
+    flags = ["--preset", "smoke", "--cache-dir", cache, "--iters", "1"]
+    first = T.main(T.parse_config([*flags, "--out", str(tmp_path / "a")]))
+    calls = []
+    real = T.evaluate_split
+    monkeypatch.setattr(T, "evaluate_split", lambda *a, **k: calls.append(len(a[4])) or real(*a, **k))
+    second = T.main(T.parse_config([*flags, "--out", str(tmp_path / "b"), "--seed", "1"]))
+    n_val, n_test = 12, 18                     # the smoke preset's splits
+    assert calls == [n_val, n_test]            # only the trained model is evaluated: validation + test, no SFT row
+    assert second["sft_test_outcomes"] == first["sft_test_outcomes"] and len(first["sft_test_outcomes"]) == n_test
+    assert second["sft_test"] == first["sft_test"]
+    faults = T.main(T.parse_config([*flags, "--out", str(tmp_path / "c"), "--fault-rate", "0.3"]))
+    assert len(calls) == 2 + 4                 # other faults: the SFT row is evaluated again (val + test), then RL's
+    assert faults["sft_test_outcomes"].keys() == first["sft_test_outcomes"].keys()
