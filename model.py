@@ -294,7 +294,9 @@ class Transformer(nn.Module):
         elif isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.dtype == torch.bool:
             logits = self.lm_head(x[logits_to_keep])                            # (N, V): only the selected positions
         else:
-            logits = self.lm_head(x[:, logits_to_keep])                         # (B, T', V)
+            # contiguous: a strided (B, 1, C) view sends F.linear to a batched matmul that copies the (V, C) weight
+            # once per row (measured: 6 s instead of 12 ms for SmolLM2's head on 32 rows, bf16, CPU)
+            logits = self.lm_head(x[:, logits_to_keep].contiguous())            # (B, T', V)
         return (logits, x) if return_hidden else logits
 
 
