@@ -160,7 +160,7 @@ def evaluate_split(cfg: Config, model, tokenizer, env, tasks, d, progress=False)
 
 
 def evaluate_warm_start(cfg: Config, model, tokenizer, env, tasks, d, warm_start_dir: str):
-    """The SFT row: (metrics, {task id: IsSolved}) of the warm start on `tasks`. Every method and seed of an experiment
+    """The SFT row: (metrics, {task id: IsSolved}, transcripts) of the warm start on `tasks`. Every method and seed of an experiment
     starts from the same cached warm start, so its evaluation is cached next to it (greedy decoding: the result
     depends only on the model, the tasks and the rollout settings, plus the fault stream when faults are on)."""
     key = json.dumps({"tasks": [t.id for t in tasks], "rollout": asdict(cfg.rollout), "batch": cfg.rollout_batch,
@@ -170,14 +170,20 @@ def evaluate_warm_start(cfg: Config, model, tokenizer, env, tasks, d, warm_start
     if path and os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)
-        return cached["metrics"], cached["outcomes"]
+        return cached["metrics"], cached["outcomes"], cached["transcripts"]
     metrics, episodes = evaluate_split(cfg, model, tokenizer, env, tasks, d, progress=True)
-    outcomes = {ep.task.id: ep.solved for ep in episodes}
+    outcomes, transcripts = {ep.task.id: ep.solved for ep in episodes}, transcripts_of(episodes)
     if path and d.main:
         with open(path + ".tmp", "w") as f:
-            json.dump({"metrics": metrics, "outcomes": outcomes}, f)
+            json.dump({"metrics": metrics, "outcomes": outcomes, "transcripts": transcripts}, f)
         os.replace(path + ".tmp", path)
-    return metrics, outcomes
+    return metrics, outcomes, transcripts
+
+
+def transcripts_of(episodes) -> dict:
+    """{task id: {"actions": [the text of each action], "stop": stop reason}}: enough to tell, per test task, whether
+    training changed what the greedy policy does, and how its episodes end."""
+    return {ep.task.id: {"actions": [s.action_text for s in ep.steps], "stop": ep.stop_reason} for ep in episodes}
 
 
 def evaluate_only(cfg: Config, model, tokenizer, env, test_tasks, d, say) -> dict:
@@ -299,8 +305,9 @@ def main(cfg: Config) -> dict:
     model, tokenizer, warm_start_dir = load_model(cfg, suite, d, device, say)
     if cfg.eval_only:
         return evaluate_only(cfg, model, tokenizer, env, test_tasks, d, say)
-    sft_val, _ = evaluate_warm_start(cfg, model, tokenizer, env, val_tasks, d, warm_start_dir)
-    sft_test, sft_outcomes = evaluate_warm_start(cfg, model, tokenizer, env, test_tasks, d, warm_start_dir)
+    sft_val, _, _ = evaluate_warm_start(cfg, model, tokenizer, env, val_tasks, d, warm_start_dir)
+    sft_test, sft_outcomes, sft_transcripts = evaluate_warm_start(cfg, model, tokenizer, env, test_tasks, d,
+                                                                  warm_start_dir)
     say(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
 
     # --- policy + critic, reference policy, optimizer (and the state of a resumed run)
@@ -379,7 +386,8 @@ def main(cfg: Config) -> dict:
     outcomes = lambda episodes: {ep.task.id: ep.solved for ep in episodes}  # noqa: E731
     result = {"sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history,
               "config": asdict(cfg), "test_task_groups": {t.id: t.group for t in test_tasks},
-              "sft_test_outcomes": sft_outcomes, "test_outcomes": outcomes(final_episodes)}
+              "sft_test_outcomes": sft_outcomes, "test_outcomes": outcomes(final_episodes),
+              "sft_test_transcripts": sft_transcripts, "test_transcripts": transcripts_of(final_episodes)}
     if d.main:
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -215,6 +215,8 @@ def test_the_warm_start_is_evaluated_once_and_a_second_run_reads_the_same_sft_ro
     assert calls == [n_val, n_test]            # only the trained model is evaluated: validation + test, no SFT row
     assert second["sft_test_outcomes"] == first["sft_test_outcomes"] and len(first["sft_test_outcomes"]) == n_test
     assert second["sft_test"] == first["sft_test"]
+    assert second["sft_test_transcripts"] == first["sft_test_transcripts"]
+    assert {len(t["actions"]) for t in first["test_transcripts"].values()} <= set(range(1, 5))    # max_steps 4
     faults = T.main(T.parse_config([*flags, "--out", str(tmp_path / "c"), "--fault-rate", "0.3"]))
     assert len(calls) == 2 + 4                 # other faults: the SFT row is evaluated again (val + test), then RL's
     assert faults["sft_test_outcomes"].keys() == first["sft_test_outcomes"].keys()
