@@ -178,6 +178,31 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def diagnostics_table(results: dict) -> str:
+    """What the runs did, beyond pass rates (issue: a result that disappoints is shown with its diagnostics): per
+    method, averaged over seeds, from each run's test transcripts and its last PPO iteration."""
+    STOPS = ["finish", "give_up", "max_steps", "token_budget"]
+    lines = ["| method | steps/episode G1 / G2 / G3 | stop: " + " / ".join(STOPS) + " (%) | test tasks whose greedy "
+             "actions changed vs SFT (%) | last iteration: train return / explained variance / invalid actions |",
+             "|---" * 5 + "|"]
+    rows = {"SFT": [(r["sft_test_transcripts"], r["sft_test_transcripts"], None) for r in results.values()][:1]}
+    for (method, _), r in results.items():
+        rows.setdefault(method, []).append((r["test_transcripts"], r["sft_test_transcripts"], r["history"][-1]))
+    first = next(iter(results.values()))
+    groups = groups_of_test_tasks(first, list(first["test_outcomes"]))
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    for method, runs in rows.items():
+        steps = " / ".join(f"{mean([mean([len(t[i]['actions']) for i in t if groups[i] == g]) for t, _, _ in runs]):.2f}"
+                           for g in ("G1", "G2", "G3"))
+        stops = " / ".join(f"{100 * mean([mean([t[i]['stop'] == s for i in t]) for t, _, _ in runs]):.0f}"
+                           for s in STOPS)
+        changed = mean([mean([t[i]["actions"] != sft[i]["actions"] for i in t]) for t, sft, _ in runs])
+        last = [h for _, _, h in runs if h]
+        train = " / ".join(f"{mean([h[k] for h in last]):.2f}" for k in ("return", "explained_variance", "invalid"))
+        lines.append(f"| {method} | {steps} | {stops} | {100 * changed:.0f} | {train if last else '-'} |")
+    return "\n".join(lines)
+
+
 def plot(histories: dict, path: str) -> bool:
     try:
         import matplotlib
@@ -227,6 +252,8 @@ def main(argv=None):
     md = (f"Test list of {len(record['test_task_ids'])} tasks, seeds {args.seeds}: pass rate (%), mean ± std over "
           f"seeds\n\n{pass_table(record)}\n\nPaired per task (Solved = outcome 1): McNemar exact p pooled over seeds, "
           f"bootstrap 95% CI over tasks\n\n{comparison_table(comparisons(record))}\n")
+    if all("test_transcripts" in r for r in results.values()):
+        md += f"\nDiagnostics (mean over seeds)\n\n{diagnostics_table(results)}\n"
     print(md)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)

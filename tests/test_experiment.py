@@ -120,3 +120,19 @@ def test_groups_come_from_the_task_suite_when_results_json_lacks_them():
     tasks = make_tasks("test", 30, seed=0)
     groups = groups_of_test_tasks({"config": {}}, [t.id for t in tasks])
     assert groups == {t.id: f"G{t.group}" for t in tasks}
+
+
+def test_the_diagnostics_count_steps_stop_reasons_and_changed_actions_per_method():
+    def transcripts(actions_and_stops):
+        return {i: {"actions": a, "stop": s} for i, (a, s) in zip(IDS, actions_and_stops)}
+    sft = transcripts([(["a", "F"], "finish"), (["b"], "finish"), (["c"] * 3, "max_steps"), (["d"], "give_up")])
+    rl = transcripts([(["a", "F"], "finish"), (["b", "x"], "finish"), (["c"] * 5, "token_budget"), (["d"], "give_up")])
+    result = fake_result([1, 0, 1, 0]) | {"sft_test_transcripts": sft, "test_transcripts": rl}
+    result["history"] = [{"iter": 0, "return": 0.5, "explained_variance": 0.25, "invalid": 0.1}]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in
+            experiment.diagnostics_table({("StepTool", 0): result}).splitlines()[2:]}
+    # groups of IDS: G1, G2, G3, G1 -> SFT steps G1 (2 + 1)/2, G2 1, G3 3; StepTool G1 (2 + 1)/2, G2 2, G3 5
+    assert rows["SFT"][0] == "1.50 / 1.00 / 3.00" and rows["StepTool"][0] == "1.50 / 2.00 / 5.00"
+    assert rows["SFT"][1] == "50 / 25 / 25 / 0" and rows["StepTool"][1] == "50 / 25 / 0 / 25"
+    assert rows["SFT"][2] == "0" and rows["StepTool"][2] == "50"               # tasks 2 and 3 changed
+    assert rows["StepTool"][3].rstrip(" |") == "0.50 / 0.25 / 0.10" and rows["SFT"][3].rstrip(" |") == "-"
