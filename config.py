@@ -234,6 +234,9 @@ def validate(cfg: Config):
          f"--advantage must be step, token or step-group (got {cfg.ppo.advantage!r})"),
         (cfg.group_size >= 1 and cfg.episodes_per_iter % cfg.group_size == 0,
          f"--group-size must be >= 1 and divide --episodes-per-iter (got {cfg.group_size})"),
+        (cfg.ppo.advantage != "step-group" or cfg.group_size >= 2,
+         "--advantage step-group compares rollouts of one task: it needs --group-size >= 2 (with 1 every advantage "
+         "is 0)"),
         (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),
         (cfg.lora in ("auto", "on", "off"), f"--lora must be auto, on or off (got {cfg.lora!r})"),
         (not cfg.model or cfg.model == "smollm2" or os.path.isdir(cfg.model),

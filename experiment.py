@@ -38,7 +38,7 @@ import sys
 import numpy as np
 
 METHODS = {"PPO-final": ["--reward", "final"], "StepTool": ["--reward", "step"],
-           "StepTool-group": ["--advantage", "step-group"]}
+           "StepTool-group": ["--advantage", "step-group", "--group-size", "4"]}   # 32 episodes = 8 tasks x 4
 DEFAULT_METHODS = ["PPO-final", "StepTool"]
 RUN_DIR_TAG = {"PPO-final": "ppo"}     # run directories from before the rename ("ppo-seed0") are reused
 GROUPS = ["G1", "G2", "G3", "all"]

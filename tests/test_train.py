@@ -90,6 +90,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights_and_metri
     (["--contribution", "gpt4"], "--contribution must be one of ['lcs', 'reference', 'used']"),
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
+    (["--advantage", "step-group"], "--advantage step-group compares rollouts of one task: it needs --group-size >= 2"),
 ])
 @pytest.mark.slow
 def test_bad_flags_fail_with_one_clear_line_and_a_nonzero_exit(flags, message):
