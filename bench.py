@@ -15,6 +15,7 @@ real_iteration_peak_rss_mb, padding_fraction (+ _off), and the use_sampling_logp
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -420,15 +421,18 @@ def bench_real(path, size, json_file="") -> dict:
     with open(f"{path}/config.json") as f:
         cfg, tok = smollm2_config(s["episodes"], s["flags"]), Tokenizer.from_dir(path, json.load(f))
     r = {"size": size, "threads": torch.get_num_threads(), "model": path}
+    # The iteration child first, while this process holds no model: run after the parts below, the two processes
+    # together (transformers + peft + ours here, ~12 GB) were OOM-killed on a 24 GB machine.
+    child = subprocess.run([sys.executable, __file__, "--model", path, "--iteration-child"] + ["--quick"] * (size == "quick"),
+                           stdout=subprocess.PIPE, text=True, check=True)
+    it = json.loads(child.stdout.strip().splitlines()[-1])
     for part in (lambda: bench_real_forward(path, tok, s["repeat"], *s["forward"]),
                  lambda: bench_real_ppo_step(path, tok, cfg, s["repeat"], s["ppo_episodes"]),
                  lambda: bench_real_generate(path, tok, cfg, s["repeat"], *s["generate"])):
         r |= part()
+        gc.collect()                                 # each part's models go before the next part loads its own
         if json_file:                                # each part as it finishes: a long run leaves partial results
             report(r, json_file, quiet=True)
-    child = subprocess.run([sys.executable, __file__, "--model", path, "--iteration-child"] + ["--quick"] * (size == "quick"),
-                           stdout=subprocess.PIPE, text=True, check=True)
-    it = json.loads(child.stdout.strip().splitlines()[-1])
     on, off = it["on"], it["off"]
     r.update(real_iteration_s=on["s"], real_iteration_phase_s=on["phase_s"], real_iteration_off_s=off["s"],
              real_iteration_off_phase_s=off["phase_s"], real_iteration_speedup=off["s"] / on["s"],
