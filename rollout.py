@@ -11,8 +11,9 @@ One episode is a ReAct conversation rendered in a chat template:
     Thought: ...\nAction: Finish\nAction Input: {"return_type": "give_answer", "final_answer": "..."}<|im_end|>
 
 B episodes run in lock-step: one batched `decode` samples the next action of every live episode, actions are parsed
-and executed, and each observation is appended with `extend`, so decoding continues from the KV cache and the prefix
-is never recomputed. Finished episodes leave the batch (`KVCache.keep`).
+(tools.parse_action, the format's one home) and executed, and each observation is appended with `extend`, so
+decoding continues from the KV cache and the prefix is never recomputed. Finished episodes leave the batch
+(`KVCache.keep`).
 
 Choices and deviations (numbered, as the paper leaves them open):
  1. Token ids are the ones the policy sampled; observations are tokenised on their own and appended. Text is never
@@ -28,13 +29,12 @@ Choices and deviations (numbered, as the paper leaves them open):
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 
 import torch
 
 from model import KVCache, decode, extend
-from tools import SOLVED, check_answer, relevant_tool_recall
+from tools import SOLVED, Action, check_answer, parse_action, relevant_tool_recall
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Conversation format
@@ -84,60 +84,6 @@ SCHEMA_FORMATS = {"json": lambda s: json.dumps(s, separators=(",", ":")), "compa
 
 def system_prompt(env, task, schema_format: str = "compact") -> str:
     return SYSTEM_PROMPT.format(tools="\n".join(map(SCHEMA_FORMATS[schema_format], env.schemas(task.tools))))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Parsing the model's action: never raises
-
-
-@dataclass
-class Action:
-    tool: str | None = None
-    args: dict | None = None
-    thought: str = ""
-    error: str = ""          # non-empty: the action is invalid and this tells the model why
-
-
-_ACTION = re.compile(r"^\s*Action:[ \t]*(.*?)[ \t]*$", re.M)
-_INPUT = re.compile(r"^\s*Action Input:[ \t]*", re.M)
-_THOUGHT = re.compile(r"Thought:[ \t]*(.*?)\s*(?=^\s*Action:|\Z)", re.M | re.S)
-
-
-def parse_action(text: str, truncated: bool = False) -> Action:
-    """Parse `Thought: ...\\nAction: NAME\\nAction Input: {json}`. Every failure becomes Action.error, never raises.
-    The format is written in one place, tools.tasks.format_action (the expert's demonstrations); tools/ sits below
-    rollout.py and cannot import it. tests/test_parse_action.py checks that the two round-trip."""
-    if truncated:
-        return Action(error="Invalid action: the action was cut off at the length limit; keep actions short.")
-    if not isinstance(text, str):
-        return Action(error="Invalid action: not text.")
-    m = _THOUGHT.search(text)
-    thought = m.group(1).strip() if m else ""
-    m = _ACTION.search(text)
-    if not m or not m.group(1):
-        return Action(thought=thought, error="Invalid action: missing 'Action: <tool name>' line.")
-    tool = m.group(1)
-    m_in = _INPUT.search(text, m.end())
-    if not m_in:
-        return Action(tool, thought=thought, error="Invalid action: missing 'Action Input: {...}' line.")
-    rest = text[m_in.end():]
-    try:
-        args, end = json.JSONDecoder().raw_decode(rest)
-    except (json.JSONDecodeError, RecursionError) as e:
-        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-        return Action(tool, thought=thought, error=f"Invalid action: Action Input is not valid JSON ({msg}).")
-    if not isinstance(args, dict):
-        return Action(tool, thought=thought, error="Invalid action: Action Input must be a JSON object.")
-    if rest[end:].strip():
-        return Action(tool, args, thought, error="Invalid action: unexpected text after the Action Input JSON.")
-    if tool == "Finish":
-        kind = args.get("return_type")
-        if kind not in ("give_answer", "give_up_and_restart"):
-            return Action(tool, args, thought,
-                          error='Invalid action: Finish needs "return_type": "give_answer" or "give_up_and_restart".')
-        if kind == "give_answer" and not isinstance(args.get("final_answer"), str):
-            return Action(tool, args, thought, error='Invalid action: Finish needs a "final_answer" string.')
-    return Action(tool, args, thought)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
