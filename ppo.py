@@ -1,5 +1,5 @@
 """Step-grained PPO for StepTool (arXiv 2410.07745). train.py calls `ppo_update(policy, optimizer, batch, cfg)`
-once per iteration on a batch from rollout.collate; the rest are the small pure functions it is built from.
+once per iteration on a batch from batching.collate; the rest are the small pure functions it is built from.
     ∇J ≈ E[ Σ_t Â_t · Σ_i ∇ log π_θ(a_t^i | s_t, a_t^{<i}) ]   every token of step t shares the step's Â_t
     δ_t = r_t + γ·V(s_{t+1}) − V(s_t)  (V after the last step = 0),   Â_t = Σ_l (γλ)^l · δ_{t+l}
 Implementation choices not in the paper (each a flag or a comment at the code):
@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from batching import pack_microbatches, padding_fraction, predictors, token_logprobs
 
 
 @dataclass
@@ -103,57 +105,6 @@ def masked_whiten(x, mask, shift_mean=True, all_sum=OneProcess.all_sum):
     mean = masked_mean(x, mask, all_sum)
     out = (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask, all_sum) + 1e-8)
     return torch.where(mask, out if shift_mean else out + mean, 0.0)
-
-
-def predictors(targets):
-    """(B, T) bool: the tokens to score -> (B, T) bool: the positions whose logits predict them (see below)."""
-    return F.pad(targets[:, 1:], (0, 1))
-
-
-def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chunk=None, targets=None):
-    """log π(input_ids[:, t] | input_ids[:, <t]) for t ≥ 1, 0 at t = 0: (B, T) [and entropy H (B, T)]. Gather minus
-    logsumexp, `chunk` positions at a time in float32: never a float32 (B, T, V) log-softmax.
-    With `targets` (B, T) bool, logits are (N, V), computed only at the N positions `predictors(targets)` selects
-    (row-major order, model.forward_with_prefix(logits_at=...)); tokens outside targets get 0."""
-    if targets is not None:
-        return _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk)
-    B, T, V = logits.shape
-    chunk = chunk or max(1, 2**25 // (B * V))  # ~128 MB of float32 per chunk
-    # THE logits shift: logits at t−1 predict token t; position 0 has none (`predictors` is the same shift).
-    pred, target = logits[:, :-1], input_ids[:, 1:]  # (B, T−1, V), (B, T−1)
-    lps, ents = [torch.zeros(B, 1, device=logits.device)], [torch.zeros(B, 1, device=logits.device)]
-    for i in range(0, T - 1, chunk):
-        lp, ent = _logprob_entropy(pred[:, i:i + chunk].float(), target[:, i:i + chunk], with_entropy, entropy_grad)
-        lps.append(lp)  # (B, c)
-        ents.append(ent)
-    lp = torch.cat(lps, 1)  # (B, T)
-    return (lp, torch.cat(ents, 1)) if with_entropy else lp
-
-
-def _logprob_entropy(lf, y, with_entropy, entropy_grad):
-    """float32 logits (..., V), tokens (...) -> log p of the tokens (...), entropy (...) or None."""
-    lse = lf.logsumexp(-1)
-    lp = lf.gather(-1, y[..., None]).squeeze(-1) - lse  # log p = z_y − logsumexp(z)
-    if not with_entropy:
-        return lp, None
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        return lp, lse - (lf.softmax(-1) * lf).sum(-1)  # H = logsumexp(z) − Σ p·z
-
-
-def _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk):
-    scored = F.pad(targets[:, 1:], (1, 0))  # (B, T): the targets, position 0 excepted (nothing predicts it)
-    y = input_ids[scored]  # (N,): the n-th predicted token, in the order of predictors(targets)
-    chunk = chunk or max(1, 2**25 // logits.shape[-1])
-    lps, ents = [], []
-    for i in range(0, len(y), chunk):
-        lp, ent = _logprob_entropy(logits[i:i + chunk].float(), y[i:i + chunk], with_entropy, entropy_grad)
-        lps.append(lp)  # (c,)
-        ents += [ent] if with_entropy else []
-    zeros = torch.zeros(scored.shape, device=logits.device)
-    lp = zeros.masked_scatter(scored, torch.cat(lps)) if lps else zeros  # (B, T)
-    if not with_entropy:
-        return lp
-    return lp, zeros.masked_scatter(scored, torch.cat(ents)) if ents else zeros
 
 
 def step_gae(rewards, values, step_mask, gamma, lam):
@@ -344,27 +295,6 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
         stats["approx_kl"] = total((ratio - 1) - logratio, action_mask, normaliser)  # k3 of KL(old ‖ new)
         stats["clipfrac"] = total(((ratio - 1).abs() > cfg.clip_eps).float(), action_mask, normaliser)
     return loss, {k: v.detach() for k, v in stats.items()}
-
-
-def pack_microbatches(lengths, token_budget):
-    """Group episode indices so each group's rows × longest row ≤ token_budget (a longer row goes alone).
-
-    Sorted by length (longest first) so rows of similar length share a group and padding stays small."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups = []
-    for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
-            groups[-1].append(i)  # the first row of a group is its longest
-        else:
-            groups.append([i])
-    return groups
-
-
-def padding_fraction(lengths, microbatches):
-    """Share of the micro-batches' (rows × longest row) slots that are padding."""
-    real = sum(lengths[i] for mb in microbatches for i in mb)
-    padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in microbatches)
-    return 1.0 - real / max(padded, 1)
 
 
 def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autocast_dtype=None, device_type="cpu",

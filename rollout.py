@@ -1,7 +1,7 @@
 """Batched multi-step rollouts of a policy against the mocked tools, and their evaluation.
 
 Who calls it: sft.py (the scripted expert's demonstrations, ScriptedPolicy), train.py (RL rollouts, evaluation),
-bench.py.
+offline.py (Episode, Step for offline rows), bench.py. Its episodes become tensors in batching.collate.
 
 One episode is a ReAct conversation rendered in a chat template:
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from batching import shared_prefix_len
 from model import KVCache, decode, extend
 from tools import SOLVED, Action, check_answer, parse_action, relevant_tool_recall
 
@@ -152,16 +153,6 @@ class RolloutConfig:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Policies: a model with a KV cache, or a script. Both produce token ids for every live episode.
-
-
-def shared_prefix_len(rows: list[list[int]], min_len: int = 16) -> int:
-    """Length of the token prefix every row shares (the system prompt, when every task shows the same tools), at
-    most each row's length − 1 so every row keeps a token of its own; 0 if shorter than min_len (not worth it)."""
-    n = min(map(len, rows)) - 1
-    first = rows[0]
-    for row in rows[1:]:
-        n = next((i for i in range(n) if row[i] != first[i]), n)
-    return n if n >= min_len else 0
 
 
 class ModelPolicy:
@@ -287,58 +278,6 @@ def execute(action: Action, text: str, env) -> Step:
         return Step(text, "Finish", action.args, "", True)
     result = env.call(action.tool, action.args)
     return Step(text, action.tool, action.args, result.text, result.ok, result.error, result)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Batching for ppo.py
-
-
-def collate(episodes: list[Episode], pad_id: int, device="cpu", shared_prefix: bool = False) -> dict:
-    """Right-pad a list of episodes into the tensors ppo.py consumes (its contract and `ppo_update`'s docstring).
-    shared_prefix: also "prefix_len", the number of leading prompt tokens every episode shares (an int; 0 = none),
-    which model.forward_with_prefix then computes once per micro-batch."""
-    B, T = len(episodes), max(len(ep.token_ids) for ep in episodes)
-    S = max(max(len(ep.steps), 1) for ep in episodes)
-    out = {
-        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros(B, T, dtype=torch.bool),
-        "action_mask": torch.zeros(B, T, dtype=torch.bool),
-        "step_id": torch.full((B, T), -1, dtype=torch.long),
-        "old_logprobs": torch.zeros(B, T),
-        "step_rewards": torch.zeros(B, S),
-        "step_mask": torch.zeros(B, S, dtype=torch.bool),
-        "step_start": torch.zeros(B, S, dtype=torch.long),
-        "step_end": torch.zeros(B, S, dtype=torch.long),
-        "state_id": torch.zeros(B, S, dtype=torch.long),
-        "episode_group": torch.zeros(B, dtype=torch.long),
-    }
-    for b, ep in enumerate(episodes):
-        n = len(ep.token_ids)
-        out["input_ids"][b, :n] = torch.tensor(ep.token_ids)
-        out["attention_mask"][b, :n] = True
-        out["action_mask"][b, :n] = torch.tensor(ep.action_mask, dtype=torch.bool)
-        out["step_id"][b, :n] = torch.tensor(ep.step_id)
-        out["old_logprobs"][b, :n] = torch.tensor(ep.logprobs)
-        s = len(ep.steps)
-        out["step_rewards"][b, :len(ep.rewards)] = torch.tensor(ep.rewards, dtype=torch.float32)
-        out["step_mask"][b, :s] = True
-    # First and last action token of every step, from the masks in one vectorised pass.
-    is_action = out["action_mask"]
-    pos = torch.arange(T).expand(B, T)
-    sid = torch.where(is_action, out["step_id"], S)                              # (B, T), S = "no step"
-    first = torch.full((B, S + 1), T, dtype=torch.long).scatter_reduce(1, sid, pos, "amin")
-    last = torch.zeros(B, S + 1, dtype=torch.long).scatter_reduce(1, sid, pos, "amax")
-    out["step_start"], out["step_end"] = first[:, :S].clamp(max=T - 1), last[:, :S]
-    # For --advantage step-group: an id per step for its state (the token ids before its first action token: the same
-    # task, calls and observations so far) and an id per episode for its task.
-    states, tasks = {}, {}
-    for b, (ep, starts) in enumerate(zip(episodes, out["step_start"].tolist())):
-        for s in range(len(ep.steps)):
-            out["state_id"][b, s] = states.setdefault(tuple(ep.token_ids[:starts[s]]), len(states))
-        out["episode_group"][b] = tasks.setdefault(getattr(ep.task, "id", f"row {b}"), len(tasks))
-    prompts = [ep.token_ids[:ep.step_id.count(-1)] for ep in episodes]           # step_id -1 = the prompt
-    prefix_len = shared_prefix_len(prompts) if shared_prefix else 0
-    return {k: v.to(device) for k, v in out.items()} | {"prefix_len": prefix_len}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""ppo.py against independent references: plain-Python loops, full log-softmax, numbers worked by hand."""
+"""ppo.py and batching's log-probs and packing against independent references: plain-Python loops, full
+log-softmax, numbers worked by hand."""
 import copy
 import math
 import random
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import batching
 import ppo
 from ppo import PPOConfig
 
@@ -168,23 +170,23 @@ def test_masked_helpers_raise_a_clear_error_on_an_empty_mask_and_whiten_over_the
 def test_token_logprobs_equal_log_softmax_gather_for_every_chunk_size(chunk):
     torch.manual_seed(3)
     logits, ids = torch.randn(2, 7, 11), torch.randint(0, 11, (2, 7))
-    lp, ent = ppo.token_logprobs(logits, ids, with_entropy=True, chunk=chunk)
+    lp, ent = batching.token_logprobs(logits, ids, with_entropy=True, chunk=chunk)
     ref = F.log_softmax(logits, -1)
     expected = torch.cat([torch.zeros(2, 1), ref[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)], 1)
     torch.testing.assert_close(lp, expected)
     expected_ent = torch.cat([torch.zeros(2, 1), -(ref.exp() * ref).sum(-1)[:, :-1]], 1)
     torch.testing.assert_close(ent, expected_ent)
-    torch.testing.assert_close(ppo.token_logprobs(logits, ids, chunk=chunk), expected)
+    torch.testing.assert_close(batching.token_logprobs(logits, ids, chunk=chunk), expected)
 
 
 def test_token_logprobs_of_bfloat16_logits_are_float32_and_a_single_token_gives_zero():
     torch.manual_seed(4)
     logits, ids = torch.randn(1, 5, 9).bfloat16(), torch.randint(0, 9, (1, 5))
-    lp = ppo.token_logprobs(logits, ids, chunk=2)
+    lp = batching.token_logprobs(logits, ids, chunk=2)
     assert lp.dtype == torch.float32
     ref = F.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(lp[:, 1:], ref)
-    assert ppo.token_logprobs(torch.randn(2, 1, 9), torch.zeros(2, 1, dtype=torch.long)).eq(0).all()
+    assert batching.token_logprobs(torch.randn(2, 1, 9), torch.zeros(2, 1, dtype=torch.long)).eq(0).all()
 
 
 # ---------------------------------------------------------------- loss
@@ -214,7 +216,7 @@ def test_with_ratio_one_and_no_clipping_the_gradient_is_the_policy_gradient_esti
     logits, ids = torch.randn(B, T, V, requires_grad=True), torch.randint(0, V, (B, T))
     mask, adv = torch.rand(B, T) > 0.3, torch.randn(B, T)
     mask[:, 0] = False
-    new = ppo.token_logprobs(logits, ids, chunk=4)
+    new = batching.token_logprobs(logits, ids, chunk=4)
     cfg = PPOConfig(clip_eps=1e9, vf_coef=0.0, ent_coef=0.0)
     zeros = torch.zeros(B, T)
     n = mask.sum()
@@ -238,7 +240,7 @@ def test_observation_prompt_and_padding_tokens_receive_exactly_zero_gradient(kl_
     cfg = PPOConfig(ent_coef=0.1, kl_in_loss=kl_in_loss, kl_coef=0.5)
     adv, ret, _ = ppo.compute_advantages(b, values.detach(), old, ref, cfg)
     vm = ppo.value_mask(b, cfg)
-    new, ent = ppo.token_logprobs(logits, b["input_ids"], with_entropy=True)
+    new, ent = batching.token_logprobs(logits, b["input_ids"], with_entropy=True)
     old_v = ppo.state_values(values.detach()) + 0.05
     loss, _ = ppo.ppo_loss(new, old, adv, ppo.state_values(values), old_v, ret, ent, b["action_mask"], cfg,
                            b["action_mask"].sum(), vm, vm.sum(), ref)
@@ -267,11 +269,11 @@ def test_packing_puts_every_episode_in_exactly_one_microbatch_within_the_token_b
     for _ in range(50):
         lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 40))]
         budget = rng.randint(50, 1200)  # from "a row alone" to "several rows per micro-batch"
-        mbs = ppo.pack_microbatches(lengths, budget)
+        mbs = batching.pack_microbatches(lengths, budget)
         assert sorted(i for mb in mbs for i in mb) == list(range(len(lengths)))
         for mb in mbs:
             assert len(mb) * max(lengths[i] for i in mb) <= budget or len(mb) == 1
-        frac = ppo.padding_fraction(lengths, mbs)
+        frac = batching.padding_fraction(lengths, mbs)
         assert 0.0 <= frac < 1.0
 
 
@@ -280,13 +282,13 @@ def test_sorted_packing_pads_less_than_packing_in_arrival_order():
     for _ in range(50):  # budgets that hold >= 4 rows: where sorting matters (with 1-2 rows either can win)
         lengths = [rng.randint(1, 300) for _ in range(rng.randint(8, 64))]
         budget = rng.randint(1200, 4000)
-        frac = ppo.padding_fraction(lengths, ppo.pack_microbatches(lengths, budget))
-        assert frac <= ppo.padding_fraction(lengths, greedy_unsorted(lengths, budget))
+        frac = batching.padding_fraction(lengths, batching.pack_microbatches(lengths, budget))
+        assert frac <= batching.padding_fraction(lengths, greedy_unsorted(lengths, budget))
 
 
 def test_padding_fraction_is_zero_for_equal_lengths_and_counts_padded_slots_otherwise():
-    assert ppo.padding_fraction([4, 4, 4], [[0, 1, 2]]) == 0.0
-    assert ppo.padding_fraction([4, 2], [[0, 1]]) == pytest.approx(2 / 8)
+    assert batching.padding_fraction([4, 4, 4], [[0, 1, 2]]) == 0.0
+    assert batching.padding_fraction([4, 2], [[0, 1]]) == pytest.approx(2 / 8)
 
 
 # ---------------------------------------------------------------- the update
