@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 def format_action(thought: str, tool: str, args: dict) -> str:
     """The ReAct action text: compact JSON, non-ASCII kept as is."""
-    return f"Thought: {thought}\nAction: {tool}\nAction Input: {json.dumps(args, separators=(',', ':'), ensure_ascii=False)}"
+    args_json = json.dumps(args, separators=(",", ":"), ensure_ascii=False)
+    return f"Thought: {thought}\nAction: {tool}\nAction Input: {args_json}"
 
 
 @dataclass
