@@ -129,93 +129,115 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
+def policy_forward(policy, batch, idx, L, cfg, temperature, with_entropy=False):
+    """The policy on the episodes idx (b,), cut to their longest length L -> log π (b, L) [, entropy H (b, L)],
+    V (b, L). π = softmax(logits / temperature), the distribution the rollout sampled."""
+    ids, targets = batch["input_ids"][idx, :L], batch["action_mask"][idx, :L] if cfg.action_logits_only else None
+    logits, v = policy(ids, batch["attention_mask"][idx, :L], prefix_len=batch.get("prefix_len", 0),
+                       logits_at=None if targets is None else predictors(targets))  # None: the LM head everywhere
+    out = token_logprobs(logits / temperature, ids, with_entropy, cfg.ent_coef > 0, targets=targets)
+    return (*out, v.float()) if with_entropy else (out, v.float())
+
+
+@torch.no_grad()
+def old_policy_pass(policy, batch, microbatches, cfg, temperature, reference_logprobs_fn, autocast):
+    """Pass (1) of an update: log π_old, V_old (B, T) and log π_ref (B, T) (None without a reference), one
+    micro-batch (idx, L) at a time."""
+    shape, dev = batch["input_ids"].shape, batch["input_ids"].device
+    old_lp, values = torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)
+    ref_lp = torch.zeros(shape, device=dev) if reference_logprobs_fn else None
+    for idx, L in microbatches:
+        with autocast:
+            old_lp[idx, :L], values[idx, :L] = policy_forward(policy, batch, idx, L, cfg, temperature)
+            if ref_lp is not None:
+                ids, att, am = (batch[k][idx, :L] for k in ("input_ids", "attention_mask", "action_mask"))
+                ref_lp[idx, :L] = reference_logprobs_fn(ids, att, prefix_len=batch.get("prefix_len", 0),
+                                                        targets=am if cfg.action_logits_only else None)
+    return old_lp, values, ref_lp
+
+
+def clip_and_step(optimizer, scaler, clip_grad_norm_, max_grad_norm, loss):
+    """Unscale (float16), clip each optimizer group's gradient on its own norm, and step unless the loss or a norm
+    is not finite. -> (the first group's (the policy's) norm before clipping, whether the step was taken)."""
+    scaler.unscale_(optimizer)
+    # Per group, actor then critic (FSDP: their shards): a large early critic gradient does not shrink the policy step.
+    norms = torch.stack([clip_grad_norm_(group["params"], max_grad_norm) for group in optimizer.param_groups])
+    # Numerical guard, the one host sync per optimizer step: never apply a non-finite update (global: the same
+    # decision on every rank; float16's loss scale follows it, as an FSDP rank sees only its shard).
+    finite = bool(torch.isfinite(norms).all() & torch.isfinite(loss))
+    if finite:
+        scaler.step(optimizer)
+    scaler.update(None if finite else scaler.get_scale() / 2)  # / 2: GradScaler's default back-off
+    optimizer.zero_grad(set_to_none=True)
+    return norms[0], finite
+
+
+def explained_variance(returns, values, mask, all_sum=one_process_sum):
+    """1 − Var(G − V) / Var(G) over the masked positions: 1 when the critic predicts the returns, ≤ 0 when it does
+    no better than their mean."""
+    var = lambda x: masked_mean((x - masked_mean(x, mask, all_sum)) ** 2, mask, all_sum)  # noqa: E731
+    return 1 - var(returns - values) / var(returns).clamp(min=1e-8)
+
+
 def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autocast_dtype=None, device_type="cpu",
                generator=None, temperature=1.0):
-    """One PPO iteration on a collated batch. policy(input_ids, attention_mask, prefix_len, logits_at) -> (logits
-    (B, T, V) or (N, V) at logits_at, values (B, T)) as model.PolicyWithValue; reference_logprobs_fn(input_ids,
-    attention_mask, prefix_len, targets) -> log π_ref (B, T). `temperature`: the rollouts' sampling temperature, so
-    π is softmax(logits / T), the distribution that was sampled. `generator` shuffles the mini-batches (a fixed seed
-    if None). Returns floats, read from the device once."""
-    t0, dev = time.perf_counter(), batch["input_ids"].device
-    am, att, ids = batch["action_mask"], batch["attention_mask"], batch["input_ids"]
-    lengths = att.sum(1).tolist()  # one host read: right padding, row i is real on [0, lengths[i])
+    """One PPO iteration on a batch from batching.collate. policy(input_ids, attention_mask, prefix_len, logits_at)
+    -> (logits (B, T, V) or (N, V) at logits_at, values (B, T)) as model.PolicyWithValue;
+    reference_logprobs_fn(input_ids, attention_mask, prefix_len, targets) -> log π_ref (B, T). `temperature`: the
+    rollouts' sampling temperature, so π is softmax(logits / T), the distribution that was sampled. `generator`
+    shuffles the mini-batches (a fixed seed if None). Returns floats, read from the device once."""
+    t0, am, dev = time.perf_counter(), batch["action_mask"], batch["input_ids"].device
+    lengths = batch["attention_mask"].sum(1).tolist()  # one host read: right padding, row i is real on [0, lengths[i])
     P = batch.get("prefix_len", 0)  # tokens every row shares (the system prompt): one forward per micro-batch
     dp = getattr(policy, "data_parallel", ONE_PROCESS)  # N ranks: distributed.DataParallel (contract)
     autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype == torch.float16)  # float16 only (contract)
 
-    def rows(mb):  # a micro-batch: its row indices and its own longest length (trim the shared padding)
-        return torch.tensor(mb, device=dev), max(lengths[i] for i in mb)
+    def microbatches(rows):  # [(rows, loss weight, gradient-sync context)], packed by the tokens a forward processes
+        groups = pack_microbatches([lengths[i] - P for i in rows], cfg.token_budget)  # (the shared prefix once)
+        return dp.microbatches([[rows[j] for j in g] for g in groups])
 
-    def forward(idx, L, with_entropy=False):  # -> log π (b, L) [, entropy (b, L)], V (b, L) of micro-batch rows
-        targets = am[idx, :L] if cfg.action_logits_only else None  # None: the LM head at every position
-        logits, v = policy(ids[idx, :L], att[idx, :L], prefix_len=P,
-                           logits_at=None if targets is None else predictors(targets))
-        out = token_logprobs(logits / temperature, ids[idx, :L], with_entropy, cfg.ent_coef > 0, targets=targets)
-        return (*out, v.float()) if with_entropy else (out, v.float())
+    def cut(rows):  # -> the rows as an index (b,) and their longest length L: tensors are cut to [idx, :L]
+        return torch.tensor(rows, device=dev), max(lengths[i] for i in rows)
 
-    def pack(rows_):  # micro-batches by the tokens a forward really processes (the shared prefix counts once)
-        return pack_microbatches([lengths[i] - P for i in rows_], cfg.token_budget)
-
-    # (1) π_old, V_old and π_ref under no grad, micro-batch by micro-batch
-    old_lp, values = torch.zeros(ids.shape, device=dev), torch.zeros(ids.shape, device=dev)  # (B, T)
-    ref_lp = torch.zeros(ids.shape, device=dev) if reference_logprobs_fn else None
-    with torch.no_grad():
-        for mb, _, _ in dp.microbatches(pack(range(len(lengths)))):
-            idx, L = rows(mb)
-            with autocast:
-                old_lp[idx, :L], values[idx, :L] = forward(idx, L)
-                if ref_lp is not None:
-                    ref_lp[idx, :L] = reference_logprobs_fn(ids[idx, :L], att[idx, :L], prefix_len=P,
-                                                            targets=am[idx, :L] if cfg.action_logits_only else None)
+    # (1) log π_old, V_old and log π_ref (B, T), without gradients
+    whole_batch = [cut(rows) for rows, _, _ in microbatches(list(range(len(lengths))))]
+    old_lp, values, ref_lp = old_policy_pass(policy, batch, whole_batch, cfg, temperature, reference_logprobs_fn,
+                                             autocast)
     old_lp = batch["old_logprobs"].float() if cfg.use_sampling_logprobs else old_lp
 
-    # (2) advantages and returns (B, T); the value loss applies where vmask is set
+    # (2) advantages Â and returns G (B, T); V_old as state values; vmask: where the value loss applies
     adv, ret, adv_stats = compute_advantages(batch, values, old_lp, ref_lp, cfg, dp.all_sum)
     old_v, vmask = state_values(values), value_mask(batch, cfg)
 
     # (3) epochs × shuffled mini-batches (one optimizer step each) × micro-batches (gradient accumulation)
-    gen = generator or torch.Generator().manual_seed(0)
-    # What is stepped (FSDP: the shards), per optimizer group: actor, then critic. Each group's gradient is clipped
-    # on its own norm, so a large early critic gradient does not shrink the policy's step.
-    groups = [group["params"] for group in optimizer.param_groups]
-    kept, packed, n_steps = [], [], 0  # kept: the statistics of the optimizer steps taken
+    gen, kept, packed, n_steps = generator or torch.Generator().manual_seed(0), [], [], 0
     for _ in range(cfg.ppo_epochs):
         perm = torch.randperm(len(lengths), generator=gen, device=gen.device).tolist()
         for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, len(perm)))]:
             n_tok, n_val = dp.all_sum(torch.stack([am[mini].sum(), vmask[mini].sum()])).clamp(min=1)  # contract 4
-            micro = [[mini[j] for j in g] for g in pack(mini)]
-            packed += micro
             sums = {}  # this optimizer step's statistics, summed over its micro-batches
-            for mb, weight, grad_sync in dp.microbatches(micro):
-                idx, L = rows(mb)
+            for rows, weight, grad_sync in microbatches(mini):
+                idx, L = cut(rows)
                 with grad_sync:
                     with autocast:
-                        new_lp, ent, v = forward(idx, L, with_entropy=True)  # (b, L) each
-                    loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v),
-                                        old_v[idx, :L], ret[idx, :L], ent, am[idx, :L], cfg, n_tok,
-                                        vmask[idx, :L], n_val, None if ref_lp is None else ref_lp[idx, :L])
+                        new_lp, ent, v = policy_forward(policy, batch, idx, L, cfg, temperature, with_entropy=True)
+                    loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v), old_v[idx, :L],
+                                        ret[idx, :L], ent, am[idx, :L], cfg, n_tok, vmask[idx, :L], n_val,
+                                        None if ref_lp is None else ref_lp[idx, :L])
                     scaler.scale(loss * weight).backward()
                 if weight:  # weight 0: an FSDP lock-step repeat, not data
+                    packed.append(rows)
                     sums = {k: sums.get(k, 0.0) + x for k, x in ({"loss": loss.detach()} | st).items()}
             step = dict(zip(sums, dp.all_sum(torch.stack(list(sums.values())))))  # ...and over ranks
-            scaler.unscale_(optimizer)
-            norms = torch.stack([dp.clip_grad_norm_(g, cfg.max_grad_norm) for g in groups])  # before clipping
-            step["grad_norm"] = norms[0]  # the policy's
-            # Numerical guard, the one host sync per optimizer step: never apply a non-finite update (global: the
-            # same decision on every rank; float16's loss scale follows it, as an FSDP rank sees only its shard).
-            finite = bool(torch.isfinite(norms).all() & torch.isfinite(step["loss"]))
-            if finite:
-                scaler.step(optimizer)
-                kept.append(step)
-            scaler.update(None if finite else scaler.get_scale() / 2)  # / 2: GradScaler's default back-off
-            optimizer.zero_grad(set_to_none=True)
+            step["grad_norm"], finite = clip_and_step(optimizer, scaler, dp.clip_grad_norm_, cfg.max_grad_norm,
+                                                      step["loss"])
+            kept += [step] if finite else []
             n_steps += 1
 
-    # (4) statistics: means over the steps taken, and the explained variance 1 − Var(G − V) / Var(G)
-    var = lambda x: masked_mean((x - masked_mean(x, vmask, dp.all_sum)) ** 2, vmask, dp.all_sum)  # noqa: E731
+    # (4) statistics: means over the optimizer steps taken, read from the device in one transfer
     stats = {k: sum(s[k] for s in kept) / len(kept) if kept else float("nan") for k in step} | adv_stats
-    stats["explained_variance"] = 1 - var(ret - old_v) / var(ret).clamp(min=1e-8)
+    stats["explained_variance"] = explained_variance(ret, old_v, vmask, dp.all_sum)
     out = dict(zip(stats, torch.stack([torch.as_tensor(x, device=dev).float() for x in stats.values()]).tolist()))
     return out | dict(skipped_steps=n_steps - len(kept), optimizer_steps=n_steps,
                       padding_fraction=padding_fraction([n - P for n in lengths], packed),
