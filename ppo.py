@@ -132,9 +132,10 @@ def ppo_loss(new_logprobs, old_logprobs, advantages, new_values, old_values, ret
 def policy_forward(policy, batch, idx, L, cfg, temperature, with_entropy=False):
     """The policy on the episodes idx (b,), cut to their longest length L -> log π (b, L) [, entropy H (b, L)],
     V (b, L). π = softmax(logits / temperature), the distribution the rollout sampled."""
-    ids, targets = batch["input_ids"][idx, :L], batch["action_mask"][idx, :L] if cfg.action_logits_only else None
+    ids = batch["input_ids"][idx, :L]  # (b, L)
+    targets = batch["action_mask"][idx, :L] if cfg.action_logits_only else None  # None: the LM head everywhere
     logits, v = policy(ids, batch["attention_mask"][idx, :L], prefix_len=batch.get("prefix_len", 0),
-                       logits_at=None if targets is None else predictors(targets))  # None: the LM head everywhere
+                       logits_at=None if targets is None else predictors(targets))  # (N, V) or (b, L, V); (b, L)
     out = token_logprobs(logits / temperature, ids, with_entropy, cfg.ent_coef > 0, targets=targets)
     return (*out, v.float()) if with_entropy else (out, v.float())
 
