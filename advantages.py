@@ -156,7 +156,7 @@ def step_group_advantages(rewards, step_mask, state_id, episode_group, gamma):
                                                                      same calls and observations so far), if ≥ 2
         Â_t = (G_0 − mean_group G_0) / std_group G_0                  otherwise: the episode's own return against
                                                                      the episodes of its task (GRPO)
-    state_id (B, S) and episode_group (B,) are integer ids (rollout.collate)."""
+    state_id (B, S) and episode_group (B,) are integer ids (batching.collate)."""
     G = discounted_returns(rewards, step_mask, gamma)  # (B, S)
     by_state, n_same = group_normalise(G, state_id, step_mask)
     by_episode, _ = group_normalise(G[:, 0], episode_group, step_mask[:, 0])  # (B,)

@@ -21,7 +21,7 @@ Choices and deviations (numbered, as the paper leaves them open):
  2. A step that fails to parse (no Action, bad JSON, extra text, truncation) is still a step: it gets an error
     observation telling the model what was wrong, SuccCalling 0, and the episode goes on.
  3. `step_id` marks a step's action tokens *and* the observation that follows them; the prompt is -1. The value of
-    the state before step t is read at the token just before the step's first action token (ppo.py).
+    the state before step t is read at the token just before the step's first action token (advantages.py).
  4. Pass rate counts Solved only (IsSolved == 1); Unsure (0.5) is reported separately. An invalid action is one
     that did not parse or that the tools rejected (unknown tool, bad arguments, value outside the domain); an
     injected fault is not the agent's fault and does not count.
