@@ -157,9 +157,10 @@ def ppo_child(quick: bool):
     """One PPO iteration of the default preset (rollout + rewards + update) in a fresh process: tokens/s, padding,
     peak RSS."""
     import train
+    from batching import collate
     from ppo import ppo_update
     from rewards import REWARDS
-    from rollout import ModelPolicy, collate, rollout
+    from rollout import ModelPolicy, rollout
     from sft import corpus, train_tokenizer
     from tools import Environment, make_tasks
     cfg = train.parse_config(["--episodes-per-iter", "16" if quick else "64"])
@@ -249,9 +250,8 @@ def bench_real_ppo_step(path, tok, cfg, repeat, n_episodes=8):
     prompt once, the LM head only where it predicts an action token. Reference: transformers + peft, full logits,
     float32 log_softmax and gather (TRL's logprobs_from_logits), masked to the action tokens."""
     import peft
+    from batching import collate, predictors, token_logprobs
     from model import add_lora, load_pretrained, store_frozen_weights_in
-    from ppo import predictors, token_logprobs
-    from rollout import collate
     batch = collate(expert_episodes(tok, n_episodes), tok.pad_id, shared_prefix=True)
     ids, att, am, P = batch["input_ids"], batch["attention_mask"], batch["action_mask"], batch["prefix_len"]
     n = am.sum()
@@ -321,7 +321,7 @@ def bench_real_generate(path, tok, cfg, repeat, B=32, N=64):
 def sampling_vs_fresh(policy, batch, ppo_cfg, temperature):
     """The tolerance question of use_sampling_logprobs: |log π from the rollout − log π of a fresh training forward|
     on action tokens (bf16), and ppo_update's no-grad pass (1) timed with log-probs and with values only."""
-    from ppo import pack_microbatches, predictors, token_logprobs
+    from batching import pack_microbatches, predictors, token_logprobs
     ids, att, am, P = batch["input_ids"], batch["attention_mask"], batch["action_mask"], batch["prefix_len"]
     lengths = att.sum(1).tolist()
     fresh, t = torch.zeros(ids.shape), {"with_logprobs": 0.0, "values_only": 0.0}
@@ -347,10 +347,11 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     without autocast, as in train.py, so in float32), use_sampling_logprobs. Phase times from timestamps: the
     rollout (+ rewards, collate); ppo_update's pass (1) until its first grad-enabled policy call, split into the
     reference calls and the rest (π_old, V_old, advantages); the update from there to the end."""
+    from batching import collate, predictors, token_logprobs
     from model import add_lora, forward_with_prefix, load_pretrained, lora_disabled, store_frozen_weights_in
-    from ppo import ppo_update, predictors, token_logprobs
+    from ppo import ppo_update
     from rewards import REWARDS
-    from rollout import ModelPolicy, collate, rollout
+    from rollout import ModelPolicy, rollout
     from tools import make_suite
     cfg = smollm2_config(episodes, flags)
     cfg.rollout.shared_prefix = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on

@@ -246,37 +246,35 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, return_hidden=False,
-                logits_to_keep=None, prefix=None):
+    def forward(self, input_ids, attention_mask=None, cache=None, return_hidden=False, logits_to_keep=None,
+                prefix=None):
         """input_ids (B, T) -> logits (B, T, V) [, final hidden (B, T, C)]. `cache`: continue each row's KV cache.
         `prefix`: a one-row KVCache holding a prompt prefix all rows share, computed once (with grad, if enabled)
         and broadcast: the rows are its continuations. `logits_to_keep`: index of the positions to project."""
         B, T = input_ids.shape
-        dev, mask = input_ids.device, None
+        dev, mask, position_ids = input_ids.device, None, None
         if prefix is not None:                       # every row continues the shared prefix of P tokens
             m = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             P = prefix.length
-            if position_ids is None:
-                position_ids = P + (m.cumsum(1) - 1).clamp(min=0)
+            position_ids = P + (m.cumsum(1) - 1).clamp(min=0)
             own = (torch.ones(T, T, dtype=torch.bool, device=dev).tril() & m[:, None, :]) | \
                 torch.eye(T, dtype=torch.bool, device=dev)                       # (B, T, T), see deviation 3
             mask = torch.cat((prefix.valid[:, None, :P].expand(B, T, P), own), -1)[:, None]   # (B, 1, T, P + T)
         elif cache is not None:
             m = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-            if position_ids is None:                 # per-row positions continue where each row stopped
-                position_ids = (cache.next_pos[:, None] + m.cumsum(1) - 1).clamp(min=0)
+            # per-row positions continue where each row stopped
+            position_ids = (cache.next_pos[:, None] + m.cumsum(1) - 1).clamp(min=0)
             mask = cache.reserve(m)                  # (B, 1, T, S)
         elif attention_mask is not None:
             m = attention_mask.bool()
             # Host sync (one per forward): right padding or none -> plain causal SDPA (the fast kernel), because a
             # causal query never sees the pads after it. Left padding / holes need the explicit mask.
             if not torch.equal(m, m.int().cummin(1).values.bool()):
-                if position_ids is None:
-                    position_ids = (m.cumsum(1) - 1).clamp(min=0)
+                position_ids = (m.cumsum(1) - 1).clamp(min=0)
                 causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
                 mask = (causal & m[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)  # see deviation 3
                 mask = mask[:, None]                 # (B, 1, T, T)
-        if position_ids is None:
+        if position_ids is None:                     # no mask, or right padding: 0..T-1
             position_ids = torch.arange(T, device=dev)[None]                    # (1, T)
         if dev not in self._inv_freq:
             self._inv_freq[dev] = rope_inv_freq(self.config, dev)
@@ -635,33 +633,34 @@ def save_pretrained(model, tokenizer, path, state=None):
 
 # ------------------------------------------------------------------------------------------------------ LoRA
 class LoRALinear(nn.Module):
-    """y = W x + b + (α/r) · B A dropout(x). Keeps the base Parameter objects (same names, no copy)."""
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+    """y = W x + b + (α/r) · B A x. Keeps the base Parameter objects (same names, no copy). No LoRA dropout: nothing
+    here trains with it (peft's default is 0 as well)."""
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
         super().__init__()
         self.weight, self.bias, self.r, self.alpha, self.scale = base.weight, base.bias, r, alpha, alpha / r
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))                 # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))                # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))    # A random, B = 0 -> the adapter starts as a no-op
-        self.dropout, self.enabled = nn.Dropout(dropout), True     # enabled False: the base model (lora_disabled)
-        self.train(base.training)                    # an eval() model stays in eval mode (no LoRA dropout)
+        self.enabled = True                          # False: the base model (lora_disabled)
+        self.train(base.training)                    # the mode of the layer it replaces
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if self.enabled:                         # adapters in their own dtype: a bf16 base runs without autocast too
-            x = self.dropout(x).to(self.lora_A.dtype)
+            x = x.to(self.lora_A.dtype)
             y = y + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
         return y
 
 
-def add_lora(model, r=8, alpha=16, dropout=0.0,
+def add_lora(model, r=8, alpha=16,
              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
     """Freeze every base weight and wrap the nn.Linear layers named in `targets`. Returns the model."""
     model.requires_grad_(False)
     for name, m in list(model.named_modules()):
         for child, sub in list(m.named_children()):
             if child in targets and isinstance(sub, nn.Linear):
-                setattr(m, child, LoRALinear(sub, r, alpha, dropout))
+                setattr(m, child, LoRALinear(sub, r, alpha))
     return model
 
 

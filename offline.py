@@ -27,7 +27,8 @@ import csv
 import sys
 from dataclasses import dataclass
 
-from rollout import Episode, Step, parse_action
+from rollout import Episode, Step
+from tools import parse_action
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Batched multi-step rollouts of a policy against the mocked tools, and their evaluation.
 
 Who calls it: sft.py (the scripted expert's demonstrations, ScriptedPolicy), train.py (RL rollouts, evaluation),
-bench.py.
+offline.py (Episode, Step for offline rows), bench.py. Its episodes become tensors in batching.collate.
 
 One episode is a ReAct conversation rendered in a chat template:
 
@@ -11,8 +11,9 @@ One episode is a ReAct conversation rendered in a chat template:
     Thought: ...\nAction: Finish\nAction Input: {"return_type": "give_answer", "final_answer": "..."}<|im_end|>
 
 B episodes run in lock-step: one batched `decode` samples the next action of every live episode, actions are parsed
-and executed, and each observation is appended with `extend`, so decoding continues from the KV cache and the prefix
-is never recomputed. Finished episodes leave the batch (`KVCache.keep`).
+(tools.parse_action, the format's one home) and executed, and each observation is appended with `extend`, so
+decoding continues from the KV cache and the prefix is never recomputed. Finished episodes leave the batch
+(`KVCache.keep`).
 
 Choices and deviations (numbered, as the paper leaves them open):
  1. Token ids are the ones the policy sampled; observations are tokenised on their own and appended. Text is never
@@ -20,7 +21,7 @@ Choices and deviations (numbered, as the paper leaves them open):
  2. A step that fails to parse (no Action, bad JSON, extra text, truncation) is still a step: it gets an error
     observation telling the model what was wrong, SuccCalling 0, and the episode goes on.
  3. `step_id` marks a step's action tokens *and* the observation that follows them; the prompt is -1. The value of
-    the state before step t is read at the token just before the step's first action token (ppo.py).
+    the state before step t is read at the token just before the step's first action token (advantages.py).
  4. Pass rate counts Solved only (IsSolved == 1); Unsure (0.5) is reported separately. An invalid action is one
     that did not parse or that the tools rejected (unknown tool, bad arguments, value outside the domain); an
     injected fault is not the agent's fault and does not count.
@@ -28,13 +29,13 @@ Choices and deviations (numbered, as the paper leaves them open):
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from batching import shared_prefix_len
 from model import KVCache, decode, extend
-from tools import SOLVED, check_answer, relevant_tool_recall
+from tools import SOLVED, Action, check_answer, parse_action, relevant_tool_recall
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Conversation format
@@ -84,60 +85,6 @@ SCHEMA_FORMATS = {"json": lambda s: json.dumps(s, separators=(",", ":")), "compa
 
 def system_prompt(env, task, schema_format: str = "compact") -> str:
     return SYSTEM_PROMPT.format(tools="\n".join(map(SCHEMA_FORMATS[schema_format], env.schemas(task.tools))))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Parsing the model's action: never raises
-
-
-@dataclass
-class Action:
-    tool: str | None = None
-    args: dict | None = None
-    thought: str = ""
-    error: str = ""          # non-empty: the action is invalid and this tells the model why
-
-
-_ACTION = re.compile(r"^\s*Action:[ \t]*(.*?)[ \t]*$", re.M)
-_INPUT = re.compile(r"^\s*Action Input:[ \t]*", re.M)
-_THOUGHT = re.compile(r"Thought:[ \t]*(.*?)\s*(?=^\s*Action:|\Z)", re.M | re.S)
-
-
-def parse_action(text: str, truncated: bool = False) -> Action:
-    """Parse `Thought: ...\\nAction: NAME\\nAction Input: {json}`. Every failure becomes Action.error, never raises.
-    The format is written in one place, tools.tasks.format_action (the expert's demonstrations); tools/ sits below
-    rollout.py and cannot import it. tests/test_parse_action.py checks that the two round-trip."""
-    if truncated:
-        return Action(error="Invalid action: the action was cut off at the length limit; keep actions short.")
-    if not isinstance(text, str):
-        return Action(error="Invalid action: not text.")
-    m = _THOUGHT.search(text)
-    thought = m.group(1).strip() if m else ""
-    m = _ACTION.search(text)
-    if not m or not m.group(1):
-        return Action(thought=thought, error="Invalid action: missing 'Action: <tool name>' line.")
-    tool = m.group(1)
-    m_in = _INPUT.search(text, m.end())
-    if not m_in:
-        return Action(tool, thought=thought, error="Invalid action: missing 'Action Input: {...}' line.")
-    rest = text[m_in.end():]
-    try:
-        args, end = json.JSONDecoder().raw_decode(rest)
-    except (json.JSONDecodeError, RecursionError) as e:
-        msg = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-        return Action(tool, thought=thought, error=f"Invalid action: Action Input is not valid JSON ({msg}).")
-    if not isinstance(args, dict):
-        return Action(tool, thought=thought, error="Invalid action: Action Input must be a JSON object.")
-    if rest[end:].strip():
-        return Action(tool, args, thought, error="Invalid action: unexpected text after the Action Input JSON.")
-    if tool == "Finish":
-        kind = args.get("return_type")
-        if kind not in ("give_answer", "give_up_and_restart"):
-            return Action(tool, args, thought,
-                          error='Invalid action: Finish needs "return_type": "give_answer" or "give_up_and_restart".')
-        if kind == "give_answer" and not isinstance(args.get("final_answer"), str):
-            return Action(tool, args, thought, error='Invalid action: Finish needs a "final_answer" string.')
-    return Action(tool, args, thought)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -206,16 +153,6 @@ class RolloutConfig:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Policies: a model with a KV cache, or a script. Both produce token ids for every live episode.
-
-
-def shared_prefix_len(rows: list[list[int]], min_len: int = 16) -> int:
-    """Length of the token prefix every row shares (the system prompt, when every task shows the same tools), at
-    most each row's length − 1 so every row keeps a token of its own; 0 if shorter than min_len (not worth it)."""
-    n = min(map(len, rows)) - 1
-    first = rows[0]
-    for row in rows[1:]:
-        n = next((i for i in range(n) if row[i] != first[i]), n)
-    return n if n >= min_len else 0
 
 
 class ModelPolicy:
@@ -341,58 +278,6 @@ def execute(action: Action, text: str, env) -> Step:
         return Step(text, "Finish", action.args, "", True)
     result = env.call(action.tool, action.args)
     return Step(text, action.tool, action.args, result.text, result.ok, result.error, result)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Batching for ppo.py
-
-
-def collate(episodes: list[Episode], pad_id: int, device="cpu", shared_prefix: bool = False) -> dict:
-    """Right-pad a list of episodes into the tensors ppo.py consumes (its contract and `ppo_update`'s docstring).
-    shared_prefix: also "prefix_len", the number of leading prompt tokens every episode shares (an int; 0 = none),
-    which model.forward_with_prefix then computes once per micro-batch."""
-    B, T = len(episodes), max(len(ep.token_ids) for ep in episodes)
-    S = max(max(len(ep.steps), 1) for ep in episodes)
-    out = {
-        "input_ids": torch.full((B, T), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros(B, T, dtype=torch.bool),
-        "action_mask": torch.zeros(B, T, dtype=torch.bool),
-        "step_id": torch.full((B, T), -1, dtype=torch.long),
-        "old_logprobs": torch.zeros(B, T),
-        "step_rewards": torch.zeros(B, S),
-        "step_mask": torch.zeros(B, S, dtype=torch.bool),
-        "step_start": torch.zeros(B, S, dtype=torch.long),
-        "step_end": torch.zeros(B, S, dtype=torch.long),
-        "state_id": torch.zeros(B, S, dtype=torch.long),
-        "episode_group": torch.zeros(B, dtype=torch.long),
-    }
-    for b, ep in enumerate(episodes):
-        n = len(ep.token_ids)
-        out["input_ids"][b, :n] = torch.tensor(ep.token_ids)
-        out["attention_mask"][b, :n] = True
-        out["action_mask"][b, :n] = torch.tensor(ep.action_mask, dtype=torch.bool)
-        out["step_id"][b, :n] = torch.tensor(ep.step_id)
-        out["old_logprobs"][b, :n] = torch.tensor(ep.logprobs)
-        s = len(ep.steps)
-        out["step_rewards"][b, :len(ep.rewards)] = torch.tensor(ep.rewards, dtype=torch.float32)
-        out["step_mask"][b, :s] = True
-    # First and last action token of every step, from the masks in one vectorised pass.
-    is_action = out["action_mask"]
-    pos = torch.arange(T).expand(B, T)
-    sid = torch.where(is_action, out["step_id"], S)                              # (B, T), S = "no step"
-    first = torch.full((B, S + 1), T, dtype=torch.long).scatter_reduce(1, sid, pos, "amin")
-    last = torch.zeros(B, S + 1, dtype=torch.long).scatter_reduce(1, sid, pos, "amax")
-    out["step_start"], out["step_end"] = first[:, :S].clamp(max=T - 1), last[:, :S]
-    # For --advantage step-group: an id per step for its state (the token ids before its first action token: the same
-    # task, calls and observations so far) and an id per episode for its task.
-    states, tasks = {}, {}
-    for b, (ep, starts) in enumerate(zip(episodes, out["step_start"].tolist())):
-        for s in range(len(ep.steps)):
-            out["state_id"][b, s] = states.setdefault(tuple(ep.token_ids[:starts[s]]), len(states))
-        out["episode_group"][b] = tasks.setdefault(getattr(ep.task, "id", f"row {b}"), len(tasks))
-    prompts = [ep.token_ids[:ep.step_id.count(-1)] for ep in episodes]           # step_id -1 = the prompt
-    prefix_len = shared_prefix_len(prompts) if shared_prefix else 0
-    return {k: v.to(device) for k, v in out.items()} | {"prefix_len": prefix_len}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ import torch
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
+from batching import collate, pack_microbatches, predictors, shared_prefix_len, token_logprobs
 from model import (ModelConfig, Tokenizer, Transformer, add_lora, forward_with_prefix, load_pretrained,
                    save_pretrained, store_frozen_weights_in)
-from ppo import pack_microbatches, predictors, token_logprobs
-from rollout import TEMPLATES, ScriptedPolicy, collate, rollout, shared_prefix_len, system_prompt
+from rollout import TEMPLATES, ScriptedPolicy, rollout, system_prompt
 from tools import Environment, Expert, FaultConfig, expert_episode
 
 

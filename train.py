@@ -40,13 +40,14 @@ from tqdm import tqdm
 
 import checkpoint
 import distributed
+from batching import collate, predictors, token_logprobs
 from config import Config, parse_config  # noqa: F401 (parse_config re-exported: train.parse_config)
 from gguf_import import resolve_model
 from model import (PolicyWithValue, ValueHead, add_lora, forward_with_prefix, load_pretrained, lora_disabled,
                    save_pretrained, store_frozen_weights_in, strip_prefix)
-from ppo import ppo_update, predictors, token_logprobs
+from ppo import ppo_update
 from rewards import REWARDS
-from rollout import ModelPolicy, collate, episode_metrics, evaluate, rollout
+from rollout import ModelPolicy, episode_metrics, evaluate, rollout
 from tools import FaultConfig, load_toolbench, make_suite
 
 

@@ -19,8 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import distributed  # noqa: E402
 from model import ModelConfig, PolicyWithValue, Transformer, ValueHead, add_lora, lora_disabled  # noqa: E402
-from ppo import PPOConfig, ppo_update, token_logprobs  # noqa: E402
-from rollout import Episode, Step, collate  # noqa: E402
+from batching import collate, token_logprobs  # noqa: E402
+from ppo import PPOConfig, ppo_update  # noqa: E402
+from rollout import Episode, Step  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 VOCAB = 50

@@ -186,11 +186,15 @@ def test_right_padding_changes_nothing_on_real_tokens_and_returns_final_hidden()
         torch.testing.assert_close(model.lm_head(hidden), logits)
 
 
-def test_policy_with_value_returns_logits_and_float32_values_in_one_forward():
+def test_policy_with_value_returns_the_models_logits_and_the_heads_float32_values_in_one_forward():
     model = our_model()
     head = M.ValueHead(64)
     nn.init.normal_(head.proj.weight)
-    logits, values = M.PolicyWithValue(model, head)(IDS)
+    with torch.no_grad():
+        logits, values = M.PolicyWithValue(model, head)(IDS)
+        expected_logits, hidden = model(IDS, return_hidden=True)
+        torch.testing.assert_close(logits, expected_logits)
+        torch.testing.assert_close(values, (hidden @ head.proj.weight[0] + head.proj.bias[0]).float())
     assert logits.shape == (3, 12, V) and values.shape == (3, 12) and values.dtype == torch.float32
 
 
@@ -296,7 +300,7 @@ def test_zero_initialised_lora_leaves_outputs_unchanged_and_trains_only_adapters
 def lora_model():
     model = our_model()
     base = model(IDS).detach()
-    M.add_lora(model, r=4, alpha=8, dropout=0.1)
+    M.add_lora(model, r=4, alpha=8)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, M.LoRALinear):

@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
+from batching import collate
 from model import ModelConfig, PolicyWithValue, Transformer, ValueHead
 from offline import load_offline, to_episode
 from ppo import PPOConfig, ppo_update
-from rollout import collate
 from sft import train_tokenizer
 
 SAMPLE = os.path.join(os.path.dirname(__file__), "data", "offline_sample.tsv")

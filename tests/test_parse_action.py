@@ -3,8 +3,7 @@ import json
 
 from hypothesis import given, settings, strategies as st
 
-from rollout import parse_action
-from tools import format_action
+from tools import format_action, parse_action
 
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
                          st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20))

@@ -1,4 +1,5 @@
-"""ppo.py against independent references: plain-Python loops, full log-softmax, numbers worked by hand."""
+"""ppo.py, advantages.py and batching's log-probs and packing against independent references: plain-Python loops,
+full log-softmax, numbers worked by hand."""
 import copy
 import math
 import random
@@ -9,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import advantages
+import batching
 import ppo
 from ppo import PPOConfig
 
@@ -84,7 +87,7 @@ def test_step_gae_matches_a_plain_python_loop_on_random_episodes_with_varying_st
         mask = torch.tensor([[s < c for s in range(S)] for c in counts])
         r[~mask], v[~mask] = float("nan"), 123.0  # garbage in padded slots must not leak
         gamma, lam = rng.uniform(0.5, 1.0), rng.uniform(0.0, 1.0)
-        adv, ret = ppo.step_gae(r, v, mask, gamma, lam)
+        adv, ret = advantages.step_gae(r, v, mask, gamma, lam)
         for i, c in enumerate(counts):
             ea, er = loop_gae(r[i, :c].tolist(), v[i, :c].tolist(), gamma, lam)
             torch.testing.assert_close(adv[i, :c], torch.tensor(ea))
@@ -96,7 +99,7 @@ def test_token_gae_counts_observation_tokens_as_time_steps_like_trl():
     torch.manual_seed(1)
     B, T, gamma, lam = 3, 17, 0.99, 0.95
     r, v, mask = torch.randn(B, T), torch.randn(B, T), torch.rand(B, T) > 0.4
-    adv, ret = ppo.token_gae(r, v, mask, gamma, lam)
+    adv, ret = advantages.token_gae(r, v, mask, gamma, lam)
     for i in range(B):  # TRL: r and V zeroed on masked tokens, every position is a time step
         m = mask[i].float()
         ea, er = loop_gae((r[i] * m).tolist(), (v[i] * m).tolist(), gamma, lam)
@@ -108,7 +111,7 @@ def test_token_gae_skipping_observation_tokens_matches_gae_over_action_tokens_on
     torch.manual_seed(2)
     B, T, gamma, lam = 3, 17, 0.9, 0.8
     r, v, mask = torch.randn(B, T), torch.randn(B, T), torch.rand(B, T) > 0.4
-    adv, ret = ppo.token_gae(r, v, mask, gamma, lam, skip_masked=True)
+    adv, ret = advantages.token_gae(r, v, mask, gamma, lam, skip_masked=True)
     for i in range(B):
         pos = mask[i].nonzero().flatten().tolist()
         ea, er = loop_gae(r[i, pos].tolist(), v[i, pos].tolist(), gamma, lam)
@@ -121,7 +124,7 @@ def test_step_mode_reads_v_before_each_steps_first_action_token_and_spreads_adva
     b = make_batch([[("prompt", [1, 2]), ("act", [3, 4]), ("obs", [5]), ("act", [6, 7, 8])]], [[0.5, 1.0]])
     values = torch.arange(8, dtype=torch.float32).view(1, 8) / 10  # value at position p = p / 10
     cfg = PPOConfig(whiten=False, gamma=0.9, lam=0.8)
-    adv, ret, _ = ppo.compute_advantages(b, values, torch.zeros(1, 8), None, cfg)
+    adv, ret, _ = advantages.compute_advantages(b, values, torch.zeros(1, 8), None, cfg)
     v1, v2 = 0.1, 0.4  # V(s_1) at position 1 (last prompt token), V(s_2) at position 4 (the observation)
     a2 = 1.0 - v2
     a1 = (0.5 + 0.9 * v2 - v1) + 0.9 * 0.8 * a2
@@ -136,16 +139,16 @@ def test_kl_penalty_in_step_mode_sums_the_kl_of_the_steps_action_tokens():
     old = torch.tensor([[0.0, -1.0, -1.0, -9.0, -1.0]])
     ref = torch.tensor([[0.0, -1.5, -2.0, -1.0, -3.0]])
     kl = torch.where(b["action_mask"], old - ref, 0.0)  # [0, .5, 1, 0(obs), 2]
-    r = ppo.apply_kl_penalty(b["step_rewards"], kl, 0.1, b["step_id"])
+    r = advantages.apply_kl_penalty(b["step_rewards"], kl, 0.1, b["step_id"])
     torch.testing.assert_close(r, torch.tensor([[-0.15, 0.8]]))
-    torch.testing.assert_close(ppo.apply_kl_penalty(torch.zeros(1, 5), kl, 0.1), -0.1 * kl)
+    torch.testing.assert_close(advantages.apply_kl_penalty(torch.zeros(1, 5), kl, 0.1), -0.1 * kl)
 
 
 def test_authors_reward_scaling_multiplies_by_steps_left_so_the_final_reward_vanishes():
     rewards, mask = torch.tensor([[1.0, 0.5, 1.0], [0.5, 1.0, 0.0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]).bool()
     end = torch.tensor([[2, 5, 8], [1, 3, 0]])
-    plain = ppo.place_step_rewards_on_tokens(rewards, end, mask, 10)
-    scaled = ppo.place_step_rewards_on_tokens(ppo.authors_scaling(rewards, mask), end, mask, 10)
+    plain = advantages.place_step_rewards_on_tokens(rewards, end, mask, 10)
+    scaled = advantages.place_step_rewards_on_tokens(advantages.authors_scaling(rewards, mask), end, mask, 10)
     assert plain[0, [2, 5, 8]].tolist() == [1.0, 0.5, 1.0] and plain.sum().item() == 4.0
     assert scaled[0, [2, 5, 8]].tolist() == [2.0, 0.5, 0.0]  # (T−1−t) = 2, 1, 0 with T = 3 steps
     assert scaled[1, [1, 3]].tolist() == [0.5, 0.0] and scaled[1].sum().item() == 0.5
@@ -153,13 +156,13 @@ def test_authors_reward_scaling_multiplies_by_steps_left_so_the_final_reward_van
 
 def test_masked_helpers_raise_a_clear_error_on_an_empty_mask_and_whiten_over_the_batch():
     with pytest.raises(ValueError, match="no element"):
-        ppo.masked_mean(torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+        advantages.masked_mean(torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool))
     x, m = torch.tensor([[1.0, 2.0, 99.0], [3.0, 4.0, 5.0]]), torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
-    w = ppo.masked_whiten(x, m)
+    w = advantages.masked_whiten(x, m)
     sel = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     torch.testing.assert_close(w[m], (sel - 3) / sel.var(unbiased=False).sqrt(), atol=1e-5, rtol=1e-5)
     assert w[0, 2] == 0
-    torch.testing.assert_close(ppo.masked_whiten(x, m, shift_mean=False)[m], w[m] + 3)
+    torch.testing.assert_close(advantages.masked_whiten(x, m, shift_mean=False)[m], w[m] + 3)
 
 
 # ---------------------------------------------------------------- log-probs
@@ -168,23 +171,23 @@ def test_masked_helpers_raise_a_clear_error_on_an_empty_mask_and_whiten_over_the
 def test_token_logprobs_equal_log_softmax_gather_for_every_chunk_size(chunk):
     torch.manual_seed(3)
     logits, ids = torch.randn(2, 7, 11), torch.randint(0, 11, (2, 7))
-    lp, ent = ppo.token_logprobs(logits, ids, with_entropy=True, chunk=chunk)
+    lp, ent = batching.token_logprobs(logits, ids, with_entropy=True, chunk=chunk)
     ref = F.log_softmax(logits, -1)
     expected = torch.cat([torch.zeros(2, 1), ref[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)], 1)
     torch.testing.assert_close(lp, expected)
     expected_ent = torch.cat([torch.zeros(2, 1), -(ref.exp() * ref).sum(-1)[:, :-1]], 1)
     torch.testing.assert_close(ent, expected_ent)
-    torch.testing.assert_close(ppo.token_logprobs(logits, ids, chunk=chunk), expected)
+    torch.testing.assert_close(batching.token_logprobs(logits, ids, chunk=chunk), expected)
 
 
 def test_token_logprobs_of_bfloat16_logits_are_float32_and_a_single_token_gives_zero():
     torch.manual_seed(4)
     logits, ids = torch.randn(1, 5, 9).bfloat16(), torch.randint(0, 9, (1, 5))
-    lp = ppo.token_logprobs(logits, ids, chunk=2)
+    lp = batching.token_logprobs(logits, ids, chunk=2)
     assert lp.dtype == torch.float32
     ref = F.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     torch.testing.assert_close(lp[:, 1:], ref)
-    assert ppo.token_logprobs(torch.randn(2, 1, 9), torch.zeros(2, 1, dtype=torch.long)).eq(0).all()
+    assert batching.token_logprobs(torch.randn(2, 1, 9), torch.zeros(2, 1, dtype=torch.long)).eq(0).all()
 
 
 # ---------------------------------------------------------------- loss
@@ -214,7 +217,7 @@ def test_with_ratio_one_and_no_clipping_the_gradient_is_the_policy_gradient_esti
     logits, ids = torch.randn(B, T, V, requires_grad=True), torch.randint(0, V, (B, T))
     mask, adv = torch.rand(B, T) > 0.3, torch.randn(B, T)
     mask[:, 0] = False
-    new = ppo.token_logprobs(logits, ids, chunk=4)
+    new = batching.token_logprobs(logits, ids, chunk=4)
     cfg = PPOConfig(clip_eps=1e9, vf_coef=0.0, ent_coef=0.0)
     zeros = torch.zeros(B, T)
     n = mask.sum()
@@ -236,11 +239,11 @@ def test_observation_prompt_and_padding_tokens_receive_exactly_zero_gradient(kl_
     old = torch.where(b["action_mask"], torch.randn(B, T), 1e4)
     ref = torch.where(b["action_mask"], torch.randn(B, T), -1e4)
     cfg = PPOConfig(ent_coef=0.1, kl_in_loss=kl_in_loss, kl_coef=0.5)
-    adv, ret, _ = ppo.compute_advantages(b, values.detach(), old, ref, cfg)
+    adv, ret, _ = advantages.compute_advantages(b, values.detach(), old, ref, cfg)
     vm = ppo.value_mask(b, cfg)
-    new, ent = ppo.token_logprobs(logits, b["input_ids"], with_entropy=True)
-    old_v = ppo.state_values(values.detach()) + 0.05
-    loss, _ = ppo.ppo_loss(new, old, adv, ppo.state_values(values), old_v, ret, ent, b["action_mask"], cfg,
+    new, ent = batching.token_logprobs(logits, b["input_ids"], with_entropy=True)
+    old_v = advantages.state_values(values.detach()) + 0.05
+    loss, _ = ppo.ppo_loss(new, old, adv, advantages.state_values(values), old_v, ret, ent, b["action_mask"], cfg,
                            b["action_mask"].sum(), vm, vm.sum(), ref)
     loss.backward()
     predicts_action = F.pad(b["action_mask"][:, 1:], (0, 1))  # logits at p predict token p+1
@@ -267,11 +270,11 @@ def test_packing_puts_every_episode_in_exactly_one_microbatch_within_the_token_b
     for _ in range(50):
         lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 40))]
         budget = rng.randint(50, 1200)  # from "a row alone" to "several rows per micro-batch"
-        mbs = ppo.pack_microbatches(lengths, budget)
+        mbs = batching.pack_microbatches(lengths, budget)
         assert sorted(i for mb in mbs for i in mb) == list(range(len(lengths)))
         for mb in mbs:
             assert len(mb) * max(lengths[i] for i in mb) <= budget or len(mb) == 1
-        frac = ppo.padding_fraction(lengths, mbs)
+        frac = batching.padding_fraction(lengths, mbs)
         assert 0.0 <= frac < 1.0
 
 
@@ -280,13 +283,13 @@ def test_sorted_packing_pads_less_than_packing_in_arrival_order():
     for _ in range(50):  # budgets that hold >= 4 rows: where sorting matters (with 1-2 rows either can win)
         lengths = [rng.randint(1, 300) for _ in range(rng.randint(8, 64))]
         budget = rng.randint(1200, 4000)
-        frac = ppo.padding_fraction(lengths, ppo.pack_microbatches(lengths, budget))
-        assert frac <= ppo.padding_fraction(lengths, greedy_unsorted(lengths, budget))
+        frac = batching.padding_fraction(lengths, batching.pack_microbatches(lengths, budget))
+        assert frac <= batching.padding_fraction(lengths, greedy_unsorted(lengths, budget))
 
 
 def test_padding_fraction_is_zero_for_equal_lengths_and_counts_padded_slots_otherwise():
-    assert ppo.padding_fraction([4, 4, 4], [[0, 1, 2]]) == 0.0
-    assert ppo.padding_fraction([4, 2], [[0, 1]]) == pytest.approx(2 / 8)
+    assert batching.padding_fraction([4, 4, 4], [[0, 1, 2]]) == 0.0
+    assert batching.padding_fraction([4, 2], [[0, 1]]) == pytest.approx(2 / 8)
 
 
 # ---------------------------------------------------------------- the update
@@ -432,7 +435,7 @@ def test_step_group_advantages_on_a_hand_computed_group_with_shared_and_divergin
     step_mask = torch.tensor([[True, True], [True, True], [True, False]])
     state_id = torch.tensor([[0, 1], [0, 1], [0, 0]])
     group = torch.tensor([0, 0, 0])
-    adv, G = ppo.step_group_advantages(rewards, step_mask, state_id, group, gamma=1.0)
+    adv, G = advantages.step_group_advantages(rewards, step_mask, state_id, group, gamma=1.0)
     # returns: [[1.5, 1.0], [0.5, 0.0], [0.0, -]]
     torch.testing.assert_close(G, torch.tensor([[1.5, 1.0], [0.5, 0.0], [0.0, 0.0]]))
     # state 0 (first steps): returns 1.5, 0.5, 0.0: mean 2/3, population std sqrt(((5/6)^2 + (1/6)^2 + (2/3)^2)/3)
@@ -446,14 +449,14 @@ def test_a_step_whose_state_is_unique_falls_back_to_its_episodes_return_in_the_t
     rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
     step_mask = torch.ones(2, 2, dtype=torch.bool)
     state_id = torch.tensor([[0, 1], [0, 2]])             # the second steps diverged: each state has one member
-    adv, _ = ppo.step_group_advantages(rewards, step_mask, state_id, torch.tensor([0, 0]), gamma=0.5)
+    adv, _ = advantages.step_group_advantages(rewards, step_mask, state_id, torch.tensor([0, 0]), gamma=0.5)
     # episode returns G_0 = 0.5, 0.0: mean 0.25, std 0.25 -> +1 / -1, used for the unique second steps too
     torch.testing.assert_close(adv, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]), rtol=1e-4, atol=1e-5)
 
 
 def test_a_group_whose_returns_are_all_equal_gets_zero_advantage_not_nan():
     rewards = torch.ones(4, 3)
-    adv, _ = ppo.step_group_advantages(rewards, torch.ones(4, 3, dtype=torch.bool), torch.tensor([[0, 1, 2]] * 4),
+    adv, _ = advantages.step_group_advantages(rewards, torch.ones(4, 3, dtype=torch.bool), torch.tensor([[0, 1, 2]] * 4),
                                        torch.zeros(4, dtype=torch.long), gamma=0.9)
     assert torch.equal(adv, torch.zeros(4, 3))
 

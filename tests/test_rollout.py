@@ -2,10 +2,10 @@
 import pytest
 import torch
 
+from batching import collate, token_logprobs
 from model import ModelConfig, Transformer
-from ppo import token_logprobs
-from rollout import (TEMPLATES, ModelPolicy, RolloutConfig, ScriptedPolicy, collate, episode_metrics,
-                     observation_ids, rollout, system_prompt)
+from rollout import (TEMPLATES, ModelPolicy, RolloutConfig, ScriptedPolicy, episode_metrics, observation_ids, rollout,
+                     system_prompt)
 from sft import corpus, train_tokenizer
 from tools import Environment, Expert, make_tasks
 

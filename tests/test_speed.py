@@ -7,8 +7,9 @@
 import torch
 
 import model as M
-from ppo import PPOConfig, ppo_update, predictors, token_logprobs
-from rollout import ModelPolicy, RolloutConfig, collate, rollout, shared_prefix_len
+from batching import collate, predictors, shared_prefix_len, token_logprobs
+from ppo import PPOConfig, ppo_update
+from rollout import ModelPolicy, RolloutConfig, rollout
 from sft import corpus, train_tokenizer
 from tools import make_suite
 

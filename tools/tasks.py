@@ -30,6 +30,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
+from .actions import format_action, parse_action
 from .apis import SCHEMAS, Environment, FaultConfig, calculate, convert
 from .world import WORLD, WORLD_SEED, World
 
@@ -48,11 +49,6 @@ class Task:
     relevant_tools: list
     reference_chain: list          # [(tool, args)] with the ground-truth arguments
     kind: str = ""
-
-
-def format_action(thought: str, tool: str, args: dict) -> str:
-    """The ReAct action text the rollout parses (rollout.parse_action)."""
-    return f"Thought: {thought}\nAction: {tool}\nAction Input: {json.dumps(args, separators=(',', ':'), ensure_ascii=False)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -411,7 +407,7 @@ class Expert:
             return format_action("The tools keep failing; I give up.", "Finish", {"return_type": "give_up_and_restart"})
         if done >= len(task.reference_chain) or (history and rng.random() < self.early_finish):
             # The answer is only as good as the calls: any wrong, skipped or missing call spoils it.
-            made = [json.loads(a.split("\nAction Input: ", 1)[1]) for a, r in history if r is not None and r.ok]
+            made = [parse_action(a).args for a, r in history if r is not None and r.ok]
             clean = made == [args for _, args in task.reference_chain]
             answer = task.answer if clean else "I could not determine the answer."
             return format_action("I have the answer.", "Finish", {"return_type": "give_answer", "final_answer": answer})
@@ -429,24 +425,24 @@ class Expert:
 
 def expert_episode(task: Task, env, expert: Expert | None = None, max_steps: int = 12) -> list:
     """Run the expert to the end: [(action_text, ToolResult or None for Finish)]."""
-    from_rollout = None
     expert = expert or Expert()
     history = []
     for _ in range(max_steps):
-        action = expert.act(task, history)
-        if "\nAction: Finish\n" in action:
-            history.append((action, from_rollout))
+        text = expert.act(task, history)
+        action = parse_action(text)
+        if action.tool == "Finish":
+            history.append((text, None))  # Finish: no tool runs
             break
-        tool = action.split("\nAction: ", 1)[1].split("\n", 1)[0]
-        args = json.loads(action.split("\nAction Input: ", 1)[1])
-        history.append((action, env.call(tool, args)))
+        history.append((text, env.call(action.tool, action.args)))
     return history
 
 
 def final_answer_of(history: list) -> str:
-    if not history or "\nAction: Finish\n" not in history[-1][0]:
+    """The final answer of an expert episode; "" if it gave up or never finished."""
+    action = parse_action(history[-1][0]) if history else None
+    if action is None or action.tool != "Finish" or action.args is None:
         return ""
-    return json.loads(history[-1][0].split("\nAction Input: ", 1)[1]).get("final_answer", "")
+    return action.args.get("final_answer", "")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
