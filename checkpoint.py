@@ -1,6 +1,7 @@
 """Crash-safe checkpoints and exact resume.
 
-Who calls it: train.py, once per iteration (`save`) and at start-up with --resume (`latest`, `load_state`).
+Who calls it: train.py, once per iteration (`save`) and at start-up with --resume (`check_resume`, `latest`,
+`load_state`).
 
 Why a module of its own: writing atomically, keeping the last K, and restoring optimizer and RNG states is
 bookkeeping that would bury train.py's loop.
@@ -25,6 +26,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -159,3 +161,27 @@ def load_optimizer(path: str, optimizer, state: dict, policy=None):
     else:
         from distributed import load_full_optimizer_state
         load_full_optimizer_state(policy, optimizer, sd)
+
+
+# Flags that may change when a run is resumed; any other change would continue one experiment as another (seen: a
+# resume with another --token-budget retrained the SFT warm start under the checkpoint's adapters).
+RESUMABLE_CHANGES = {"resume", "iters", "eval_every", "keep_checkpoints", "max_bad_iters"}
+
+
+def check_resume(cfg):
+    """--resume: refuse, in one line, a checkpoint saved with other settings (before any work is done)."""
+    path = cfg.resume and latest(cfg.out)
+    if not path:
+        return
+    flat = lambda c: {f"{k}.{j}" if isinstance(v, dict) else k: w for k, v in c.items()  # noqa: E731
+                      for j, w in (v.items() if isinstance(v, dict) else [(None, v)])}
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            saved = flat(json.load(f)["config"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
+    for key, value in flat(asdict(cfg)).items():
+        if key.split(".")[-1] not in RESUMABLE_CHANGES and saved.get(key, value) != value:
+            flag = "--" + key.split(".")[-1].replace("_", "-")
+            raise ValueError(f"cannot resume from {path}: it was saved with {flag} {saved[key]}, not {value}; "
+                             f"resume with the settings it started with")

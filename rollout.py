@@ -328,3 +328,21 @@ def evaluate(model, tokenizer, env, tasks, cfg: RolloutConfig, batch_size: int =
         policy = ModelPolicy(model, tokenizer, greedy)
         episodes += rollout(policy, tasks[i:i + batch_size], env, tokenizer, greedy)
     return episode_metrics(episodes), episodes
+
+
+def show_episode(ep) -> str:
+    lines = [f"[task G{ep.task.group}] {ep.task.query}  (truth: {ep.task.answer})"]
+    for t, (s, r) in enumerate(zip(ep.steps, ep.rewards or [None] * len(ep.steps))):
+        lines.append(f"  step {t} r={r if r is None else round(r, 3)} ok={s.success}: "
+                     f"{s.action_text.strip()[:160]!r}\n    -> {s.observation[:120]!r}")
+    return "\n".join(lines)
+
+
+def results_table(rows: dict) -> str:
+    """rows: name -> episode_metrics dict. Markdown table of pass rate and recall per group."""
+    groups = [g for g in next(iter(rows.values())) if g != "all"] + ["all"]
+    head = "| method | " + " | ".join(f"{g} pass | {g} recall" for g in groups) + " |"
+    sep = "|---" * (1 + 2 * len(groups)) + "|"
+    body = ["| " + name + " | " + " | ".join(f"{m[g]['pass_rate']:.3f} | {m[g]['recall']:.3f}" for g in groups) + " |"
+            for name, m in rows.items()]
+    return "\n".join([head, sep] + body)

@@ -47,7 +47,7 @@ from model import (PolicyWithValue, ValueHead, add_lora, forward_with_prefix, lo
                    save_pretrained, store_frozen_weights_in, strip_prefix)
 from ppo import ppo_update
 from rewards import REWARDS
-from rollout import ModelPolicy, episode_metrics, evaluate, rollout
+from rollout import ModelPolicy, episode_metrics, evaluate, results_table, rollout, show_episode
 from tools import FaultConfig, load_toolbench, make_suite
 
 
@@ -73,57 +73,12 @@ def resident_mb() -> float | None:
         return None
 
 
-def show_episode(ep) -> str:
-    lines = [f"[task G{ep.task.group}] {ep.task.query}  (truth: {ep.task.answer})"]
-    for t, (s, r) in enumerate(zip(ep.steps, ep.rewards or [None] * len(ep.steps))):
-        lines.append(f"  step {t} r={r if r is None else round(r, 3)} ok={s.success}: "
-                     f"{s.action_text.strip()[:160]!r}\n    -> {s.observation[:120]!r}")
-    return "\n".join(lines)
-
-
-def results_table(rows: dict) -> str:
-    """rows: name -> episode_metrics dict. Markdown table of pass rate and recall per group."""
-    groups = [g for g in next(iter(rows.values())) if g != "all"] + ["all"]
-    head = "| method | " + " | ".join(f"{g} pass | {g} recall" for g in groups) + " |"
-    sep = "|---" * (1 + 2 * len(groups)) + "|"
-    body = ["| " + name + " | " + " | ".join(f"{m[g]['pass_rate']:.3f} | {m[g]['recall']:.3f}" for g in groups) + " |"
-            for name, m in rows.items()]
-    return "\n".join([head, sep] + body)
-
-
-#
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The parts of main(), in the order it calls them
 
 
 def uses_lora(cfg: Config) -> bool:
     return cfg.lora == "on" or (cfg.lora == "auto" and bool(cfg.model))
-
-
-# Flags that may change when a run is resumed; any other change would continue one experiment as another (seen: a
-# resume with another --token-budget retrained the SFT warm start under the checkpoint's adapters).
-RESUMABLE_CHANGES = {"resume", "iters", "eval_every", "keep_checkpoints", "max_bad_iters"}
-
-
-def check_resume(cfg: Config):
-    """--resume: refuse, in one line, a checkpoint saved with other settings (before any work is done)."""
-    path = cfg.resume and checkpoint.latest(cfg.out)
-    if not path:
-        return
-    flat = lambda c: {f"{k}.{j}" if isinstance(v, dict) else k: w for k, v in c.items()  # noqa: E731
-                      for j, w in (v.items() if isinstance(v, dict) else [(None, v)])}
-    try:
-        with open(os.path.join(path, "state.json")) as f:
-            saved = flat(json.load(f)["config"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
-    for key, value in flat(asdict(cfg)).items():
-        if key.split(".")[-1] not in RESUMABLE_CHANGES and saved.get(key, value) != value:
-            flag = "--" + key.split(".")[-1].replace("_", "-")
-            raise ValueError(f"cannot resume from {path}: it was saved with {flag} {saved[key]}, not {value}; "
-                             f"resume with the settings it started with")
 
 
 def load_model(cfg: Config, suite, d, device, say):
@@ -302,7 +257,7 @@ def main(cfg: Config) -> dict:
     train_tasks = suite.tasks("train", cfg.train_tasks, seed=1)
 
     # --- warm start: the SFT model (or --model as it is), evaluated: the SFT row of the final table
-    check_resume(cfg)
+    checkpoint.check_resume(cfg)
     model, tokenizer, warm_start_dir = load_model(cfg, suite, d, device, say)
     if cfg.eval_only:
         return evaluate_only(cfg, model, tokenizer, env, test_tasks, d, say)
