@@ -116,9 +116,9 @@ def evaluate_split(cfg: Config, model, tokenizer, env, tasks, d, progress=False)
 
 
 def evaluate_warm_start(cfg: Config, model, tokenizer, env, tasks, d, warm_start_dir: str):
-    """The SFT row: (metrics, {task id: IsSolved}, transcripts) of the warm start on `tasks`. Every method and seed of an experiment
-    starts from the same cached warm start, so its evaluation is cached next to it (greedy decoding: the result
-    depends only on the model, the tasks and the rollout settings, plus the fault stream when faults are on)."""
+    """The SFT row: (metrics, {task id: IsSolved}, transcripts) of the warm start on `tasks`. Every method and seed
+    of an experiment starts from the same cached warm start, so its evaluation is cached next to it (greedy decoding:
+    the result depends only on the model, the tasks and the rollout settings, plus the fault stream if faults are on)."""
     key = json.dumps({"tasks": [t.id for t in tasks], "rollout": asdict(cfg.rollout), "batch": cfg.rollout_batch,
                       "world": d.world, "fault_rate": cfg.fault_rate, "fault_seed": cfg.seed if cfg.fault_rate else 0,
                       "lora": [uses_lora(cfg), cfg.lora_r, cfg.lora_alpha, cfg.dtype]}, sort_keys=True)
@@ -128,12 +128,17 @@ def evaluate_warm_start(cfg: Config, model, tokenizer, env, tasks, d, warm_start
             cached = json.load(f)
         return cached["metrics"], cached["outcomes"], cached["transcripts"]
     metrics, episodes = evaluate_split(cfg, model, tokenizer, env, tasks, d, progress=True)
-    outcomes, transcripts = {ep.task.id: ep.solved for ep in episodes}, transcripts_of(episodes)
+    outcomes, transcripts = outcomes_of(episodes), transcripts_of(episodes)
     if path and d.main:
         with open(path + ".tmp", "w") as f:
             json.dump({"metrics": metrics, "outcomes": outcomes, "transcripts": transcripts}, f)
         os.replace(path + ".tmp", path)
     return metrics, outcomes, transcripts
+
+
+def outcomes_of(episodes) -> dict:
+    """{task id: IsSolved} (1, 0.5 or 0): what experiment.py's paired statistics compare."""
+    return {ep.task.id: ep.solved for ep in episodes}
 
 
 def transcripts_of(episodes) -> dict:
@@ -339,10 +344,9 @@ def main(cfg: Config) -> dict:
     table = results_table({"SFT": sft_test, name: final_test})
     say("\nTest split (pass rate = Solved fraction; recall = relevant tools called)\n" + table)
     # Per-task IsSolved on the same test list, for paired statistics across methods and seeds (experiment.py)
-    outcomes = lambda episodes: {ep.task.id: ep.solved for ep in episodes}  # noqa: E731
     result = {"sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history,
               "config": asdict(cfg), "test_task_groups": {t.id: t.group for t in test_tasks},
-              "sft_test_outcomes": sft_outcomes, "test_outcomes": outcomes(final_episodes),
+              "sft_test_outcomes": sft_outcomes, "test_outcomes": outcomes_of(final_episodes),
               "sft_test_transcripts": sft_transcripts, "test_transcripts": transcripts_of(final_episodes)}
     if d.main:
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
