@@ -355,16 +355,35 @@ def store_frozen_weights_in(model, dtype):
 
 # ------------------------------------------------------------------------------------------ KV cache + sampling
 class KVCache:
-    """Static cache written by index (deviation 4). Slot j of row b holds a real token iff valid[b, j]."""
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device="cpu", dtype=torch.float32):
-        # One buffer per layer (L × (B, K, S_max, D)): a layer only ever writes its own, so a prefix cache filled
+    """Cache written by index (deviation 4). Slot j of row b holds a real token iff valid[b, j].
+
+    The buffers grow `grow_by` slots at a time up to `max_len` (0: all max_len slots at once). A rollout's bound is
+    its worst case (every step the batch's longest action and observation), about three times what a batch of
+    SmolLM2 episodes uses, and by the time the cache is long most rows have finished and left it (`keep`)."""
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, device="cpu", dtype=torch.float32,
+                 grow_by: int = 256):
+        # One buffer per layer (L × (B, K, capacity, D)): a layer only ever writes its own, so a prefix cache filled
         # with grad enabled can be read by later forwards without autograd seeing an in-place change.
-        shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        shape = (batch_size, config.num_key_value_heads, 0, config.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)   # (B, S_max)
+        self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)       # (B, capacity)
         self.next_pos = torch.zeros(batch_size, dtype=torch.long, device=device)         # (B,) next RoPE position
-        self.length, self.max_len = 0, max_len      # shared write pointer (python int: no sync)
+        self.length, self.max_len, self.grow_by = 0, max_len, grow_by   # shared write pointer (python int: no sync)
+        self.ensure(0 if grow_by else max_len)
+
+    def ensure(self, n):
+        """Make room for n slots: grow every buffer to n + grow_by slots (at most max_len), one layer at a time."""
+        if n > self.max_len:
+            raise ValueError(f"KV cache full: {self.length} used + {n - self.length} new slots > max_len {self.max_len}")
+        have = self.valid.shape[1]
+        if n <= have:
+            return
+        more = min(self.max_len, n + self.grow_by) - have
+        for buffers in (self.k, self.v):
+            for i, x in enumerate(buffers):          # the old buffer is freed as its grown copy replaces it
+                buffers[i] = torch.cat((x, x.new_zeros(*x.shape[:2], more, x.shape[3])), 2)
+        self.valid = torch.cat((self.valid, self.valid.new_zeros(self.valid.shape[0], more)), 1)
 
     @property
     def batch_size(self):
@@ -372,8 +391,7 @@ class KVCache:
 
     def reserve(self, m):                            # m (B, T) bool -> attention mask (B, 1, T, S) for these tokens
         T, s = m.shape[1], self.length
-        if s + T > self.max_len:
-            raise ValueError(f"KV cache full: {s} used + {T} new slots > max_len {self.max_len}")
+        self.ensure(s + T)
         self.valid[:, s:s + T] = m
         q_slot = torch.arange(s, s + T, device=m.device)[:, None]              # (T, 1)
         k_slot = torch.arange(s + T, device=m.device)[None]                    # (1, S)
@@ -393,6 +411,7 @@ class KVCache:
     def fill_from(self, prefix: "KVCache"):
         """Start every row with the one-row cache `prefix` (a prompt prefix all rows share, computed once)."""
         P = prefix.length
+        self.ensure(P)
         for k, v, pk, pv in zip(self.k, self.v, prefix.k, prefix.v):
             k[:, :, :P], v[:, :, :P] = pk[:, :, :P], pv[:, :, :P]               # (1, K, P, D) broadcast over B
         self.valid[:, :P], self.next_pos[:], self.length = prefix.valid[:, :P], prefix.next_pos, P

@@ -238,6 +238,21 @@ def test_keep_drops_finished_rows_and_the_rest_continue_unchanged():
     torch.testing.assert_close(last[1], model(torch.tensor([prompts[2] + [9]]))[0, -1], rtol=1e-5, atol=1e-5)
 
 
+def test_a_cache_that_grows_on_demand_computes_what_a_full_size_one_does():
+    """grow_by 3 makes the buffers grow at nearly every call (prompt, keep, several appends); the logits equal
+    those of a cache allocated at max_len at once, and the grown cache holds only the slots it needed (+ grow_by)."""
+    model = our_model()
+    prompts = [IDS[0, :5].tolist(), IDS[1, :8].tolist(), IDS[2, :3].tolist()]
+    caches = [M.KVCache(model.config, 3, 60, grow_by=g) for g in (0, 3)]
+    outs = [[M.extend(model, c, prompts)] for c in caches]
+    for c, out in zip(caches, outs):
+        c.keep(torch.tensor([0, 2]))
+        out += [M.extend(model, c, [[7, 8], [9]]), M.extend(model, c, [[4], [5, 6, 7, 8]])]
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert caches[0].k[0].shape[2] == 60 and caches[1].k[0].shape[2] == 8 + 2 + 4 + 3 and caches[1].length == 14
+
+
 def test_a_full_cache_raises_instead_of_overwriting():
     model = our_model()
     cache = M.KVCache(model.config, 1, 10)
