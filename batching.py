@@ -75,15 +75,20 @@ def collate(episodes: list, pad_id: int, device="cpu", shared_prefix: bool = Fal
     return {k: v.to(device) for k, v in out.items()} | {"prefix_len": prefix_len}
 
 
-def pack_microbatches(lengths, token_budget):
-    """Group episode indices so each group's rows × longest row ≤ token_budget (a longer row goes alone).
+def pack_microbatches(lengths, token_budget, max_padding=1.0):
+    """Group episode indices so each group's rows × longest row ≤ token_budget (a longer row goes alone) and at
+    most `max_padding` of each group's slots are padding (so of all of them: 1.0 = no limit).
 
-    Sorted by length (longest first) so rows of similar length share a group and padding stays small."""
+    Sorted by length (longest first) so rows of similar length share a group and padding stays small. A row that
+    would pad its group beyond max_padding starts a new one: one more forward, and (with a shared prefix) the prefix
+    once more, against fewer wasted slots."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     groups = []
     for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= token_budget:
-            groups[-1].append(i)  # the first row of a group is its longest
+        g = groups[-1] if groups else []
+        slots = (len(g) + 1) * lengths[g[0]] if g else 0  # the first row of a group is its longest
+        if g and slots <= token_budget and slots - sum(lengths[j] for j in g) - lengths[i] <= max_padding * slots:
+            g.append(i)
         else:
             groups.append([i])
     return groups

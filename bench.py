@@ -326,7 +326,7 @@ def sampling_vs_fresh(policy, batch, ppo_cfg, temperature):
     lengths = att.sum(1).tolist()
     fresh, t = torch.zeros(ids.shape), {"with_logprobs": 0.0, "values_only": 0.0}
     with torch.no_grad(), torch.autocast("cpu", BF16):
-        for mb in pack_microbatches([n - P for n in lengths], ppo_cfg.token_budget):
+        for mb in pack_microbatches([n - P for n in lengths], ppo_cfg.token_budget, ppo_cfg.max_padding):
             idx, L = torch.tensor(mb), max(lengths[i] for i in mb)
             x, a, targets = ids[idx, :L], att[idx, :L], am[idx, :L]
             t0 = time.perf_counter()
@@ -344,7 +344,7 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     """One StepTool iteration of the smollm2 preset (rollout at its temperature, step rewards, collate, ppo_update
     against the LoRA-disabled reference) with every speed feature on, or all off: shared prefix (rollout and
     collate), action-only logits, frozen base in bf16 (off: float32, cast by autocast in training; rollouts run
-    without autocast, as in train.py, so in float32), use_sampling_logprobs. Phase times from timestamps: the
+    without autocast, as in train.py, so in float32), use_sampling_logprobs, micro-batches padded ≤ max_padding. Phase times from timestamps: the
     rollout (+ rewards, collate); ppo_update's pass (1) until its first grad-enabled policy call, split into the
     reference calls and the rest (π_old, V_old, advantages); the update from there to the end."""
     from batching import collate, predictors, token_logprobs
@@ -355,6 +355,7 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     from tools import make_suite
     cfg = smollm2_config(episodes, flags)
     cfg.rollout.shared_prefix = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
+    cfg.ppo.max_padding = cfg.ppo.max_padding if on else 1.0           # off: micro-batches by token budget only
     temperature = cfg.rollout.temperature           # π is softmax(logits / T), the distribution that was sampled
     torch.manual_seed(seed)
     model, tok = load_pretrained(path)

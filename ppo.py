@@ -58,6 +58,9 @@ class PPOConfig:
     """optimizer steps per epoch (authors: batch 8, mini-batch 2 -> 4)"""
     token_budget: int = 4096
     """max padded tokens (rows x longest row) per micro-batch; bounds activation memory"""
+    max_padding: float = 0.1
+    """max share of a micro-batch's slots that are padding: a row that would pad more starts a micro-batch of its own
+    (exact: the same mini-batches, other sums; 1.0 = pack by token budget only)"""
     action_logits_only: bool = True
     """run the LM head only at positions that predict an action token (exact; a speed switch)"""
     max_grad_norm: float = 1.0
@@ -195,7 +198,7 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
     scaler = torch.amp.GradScaler(device_type, enabled=autocast_dtype == torch.float16)  # float16 only (contract)
 
     def microbatches(rows):  # [(rows, loss weight, gradient-sync context)], packed by the tokens a forward processes
-        groups = pack_microbatches([lengths[i] - P for i in rows], cfg.token_budget)  # (the shared prefix once)
+        groups = pack_microbatches([lengths[i] - P for i in rows], cfg.token_budget, cfg.max_padding)  # prefix once
         return dp.microbatches([[rows[j] for j in g] for g in groups])
 
     def cut(rows):  # -> the rows as an index (b,) and their longest length L: tensors are cut to [idx, :L]

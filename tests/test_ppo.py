@@ -287,6 +287,33 @@ def test_sorted_packing_pads_less_than_packing_in_arrival_order():
         assert frac <= batching.padding_fraction(lengths, greedy_unsorted(lengths, budget))
 
 
+def test_max_padding_bounds_every_microbatch_and_the_limit_one_is_packing_by_budget_alone():
+    rng = random.Random(8)
+    for _ in range(100):
+        lengths = [rng.randint(1, 1500) for _ in range(rng.randint(1, 40))]
+        budget, limit = rng.randint(1500, 6000), rng.choice([0.0, 0.05, 0.1, 0.3])
+        mbs = batching.pack_microbatches(lengths, budget, max_padding=limit)
+        assert sorted(i for mb in mbs for i in mb) == list(range(len(lengths)))
+        for mb in mbs:
+            assert len(mb) * max(lengths[i] for i in mb) <= budget or len(mb) == 1
+            assert batching.padding_fraction(lengths, [mb]) <= limit + 1e-12
+        assert batching.pack_microbatches(lengths, budget, 1.0) == greedy_sorted(lengths, budget)
+    # [100, 95, 60]: 100 and 95 pad 5 of 200 slots (2.5%); adding 60 would pad 45 of 300 (15%)
+    assert batching.pack_microbatches([60, 100, 95], 1000, max_padding=0.1) == [[1, 2], [0]]
+    assert batching.pack_microbatches([60, 100, 95], 1000, max_padding=1.0) == [[1, 2, 0]]
+
+
+def greedy_sorted(lengths, budget):
+    """The budget-only rule, written out: longest first, a row joins the open group while rows × longest fits."""
+    groups = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def test_padding_fraction_is_zero_for_equal_lengths_and_counts_padded_slots_otherwise():
     assert batching.padding_fraction([4, 4, 4], [[0, 1, 2]]) == 0.0
     assert batching.padding_fraction([4, 2], [[0, 1]]) == pytest.approx(2 / 8)
@@ -331,6 +358,23 @@ def test_gradient_accumulation_over_microbatches_equals_one_big_batch(advantage)
         cfg = PPOConfig(ppo_epochs=1, minibatches=1, token_budget=budget, advantage=advantage, max_grad_norm=1e9)
         ppo.ppo_update(policy, opt, b, cfg)
         results.append(torch.cat([p.flatten() for p in policy.parameters()]))
+    torch.testing.assert_close(results[0], results[1])
+
+
+def test_the_padding_limit_changes_the_micro_batches_not_the_update():
+    """Rows of different lengths: packed by budget alone they share micro-batches with padding; with max_padding 0
+    every length is a micro-batch of its own. Same mini-batches, so the same parameters (up to summation order)."""
+    eps = [[("prompt", [1, 2, 3]), ("act", [5 if i % 2 == 0 else 6, 9]), ("obs", [10, 11] * (i % 3)), ("act", [4])]
+           for i in range(6)]
+    b = make_batch(eps, [[1.0, 0.0] if i % 2 == 0 else [0.0, 0.0] for i in range(6)])
+    results, padding = [], []
+    for limit in (1.0, 0.0):
+        policy = MockPolicy(seed=7)
+        opt = torch.optim.SGD(policy.parameters(), lr=0.1)
+        cfg = PPOConfig(ppo_epochs=2, minibatches=2, token_budget=10_000, max_padding=limit, max_grad_norm=1e9)
+        padding.append(ppo.ppo_update(policy, opt, b, cfg)["padding_fraction"])
+        results.append(torch.cat([p.flatten() for p in policy.parameters()]))
+    assert padding[0] > 0.1 and padding[1] == 0.0
     torch.testing.assert_close(results[0], results[1])
 
 
