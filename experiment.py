@@ -11,7 +11,7 @@ same budget and is evaluated greedily on the same test list; the SFT outcomes co
 `sft_test_outcomes` (one SFT run per seed when the runs agree, as they should).
 
 Writes
-  results/experiment-<preset>.json  {"preset", "test_task_ids", "test_task_groups": {id: group},
+  results/experiment-<preset>[-faults<percent>].json  {"preset", "test_task_ids", "test_task_groups": {id: group},
                                      "runs": [{"method", "seed", "fault_rate", "outcomes": {id: 0 | 0.5 | 1}}]}
   DIR/results.md                    pass rate per group (mean ± std over seeds) and the paired comparisons
   DIR/results.json                  the per-run test metrics train.py reported (pass rate and recall per group)
@@ -203,6 +203,28 @@ def diagnostics_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def fault_table(results: dict) -> str:
+    """Under injected faults (issue: does RL teach the model to retry?): per method, mean over seeds of the test
+    evaluation's share of calls that hit a fault, the share of those the model retried (the same call next step),
+    and the pass rate; SFT is evaluated per seed on that seed's fault stream, as the RL run it is compared with."""
+    rows = {}
+    for (method, seed), r in results.items():
+        rows.setdefault("SFT", {}).setdefault(seed, r["sft_test"]["all"])
+        rows.setdefault(method, {})[seed] = r["test"]["all"]
+    lines = ["| method | seeds | calls that hit a fault (%) | faults retried next step (%) | pass (%) |", "|---" * 5 + "|"]
+    for method, by_seed in rows.items():
+        cells = [f"{100 * statistics.mean(m[k] for m in by_seed.values()):.1f}"
+                 for k in ("fault_rate", "retry_after_fault", "pass_rate")]
+        lines.append(f"| {method} | {len(by_seed)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def record_file(preset: str, record: dict) -> str:
+    """experiment-<preset>.json, or experiment-<preset>-faults<percent>.json for runs under injected faults."""
+    rate = max(r["fault_rate"] for r in record["runs"])
+    return f"experiment-{preset}" + (f"-faults{round(100 * rate)}" if rate else "") + ".json"
+
+
 def plot(histories: dict, path: str) -> bool:
     try:
         import matplotlib
@@ -246,7 +268,7 @@ def main(argv=None):
             histories[method].append((result["sft_val"]["all"]["pass_rate"], result["history"]))
     record = experiment_record(args.preset, results)
     os.makedirs(args.results_dir, exist_ok=True)
-    path = os.path.join(args.results_dir, f"experiment-{args.preset}.json")
+    path = os.path.join(args.results_dir, record_file(args.preset, record))
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     md = (f"Test list of {len(record['test_task_ids'])} tasks, seeds {args.seeds}: pass rate (%), mean ± std over "
@@ -254,6 +276,8 @@ def main(argv=None):
           f"bootstrap 95% CI over tasks\n\n{comparison_table(comparisons(record))}\n")
     if all("test_transcripts" in r for r in results.values()):
         md += f"\nDiagnostics (mean over seeds)\n\n{diagnostics_table(results)}\n"
+    if any(r["fault_rate"] for r in record["runs"]):
+        md += f"\nUnder injected faults (test evaluation, mean over seeds)\n\n{fault_table(results)}\n"
     print(md)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)

@@ -70,7 +70,7 @@ SFT = dict(zip(IDS, [0, 0, 1, 0.5]))
 
 
 def fake_result(outcomes, sft=SFT):
-    metrics = {"all": {"pass_rate": 0.5, "recall": 0.9}}
+    metrics = {"all": {"pass_rate": 0.5, "recall": 0.9, "fault_rate": 0.3, "retry_after_fault": 0.25}}
     return {"test_outcomes": dict(zip(IDS, outcomes)), "sft_test_outcomes": dict(sft),
             "test_task_groups": dict(zip(IDS, [1, 2, 3, 1])), "config": {"fault_rate": 0.3},
             "sft_val": {"all": {"pass_rate": 0.1}}, "history": [{"iter": 0, "val_pass": 0.2}],
@@ -84,7 +84,7 @@ def test_the_experiment_file_is_written_from_existing_runs_without_training(tmp_
         (runs_dir / f"{tag}-seed0" / "results.json").write_text(json.dumps(fake_result(outcomes)))
     experiment.main(["--seeds", "0", "--out", str(runs_dir), "--results-dir", str(results_dir), "--preset", "smoke"])
 
-    record = json.loads((results_dir / "experiment-smoke.json").read_text())
+    record = json.loads((results_dir / "experiment-smoke-faults30.json").read_text())     # runs under 30% faults
     assert set(record) == {"preset", "test_task_ids", "test_task_groups", "runs"}
     assert record["preset"] == "smoke" and record["test_task_ids"] == IDS
     assert record["test_task_groups"] == dict(zip(IDS, ["G1", "G2", "G3", "G1"]))
@@ -102,6 +102,20 @@ def test_the_experiment_file_is_written_from_existing_runs_without_training(tmp_
     step_vs_sft = next(line for line in md.splitlines() if line.startswith("| StepTool vs SFT |"))
     assert step_vs_sft.startswith("| StepTool vs SFT | 1 | 2 / 0 | +50.0 |") and step_vs_sft.endswith("| 0.5 |")
     assert "| StepTool vs PPO-final | 1 | 1 / 0 | +25.0 |" in md and "| PPO-final vs SFT | 1 | 1 / 0 | +25.0 |" in md
+    assert "| StepTool | 1 | 30.0 | 25.0 | 50.0 |" in md                       # the fault table, from the metrics
+
+
+def test_the_fault_table_averages_each_method_over_seeds_and_takes_sft_from_each_seed():
+    def result(sft, rl):
+        keys = ("fault_rate", "retry_after_fault", "pass_rate")
+        return {"sft_test": {"all": dict(zip(keys, sft))}, "test": {"all": dict(zip(keys, rl))}}
+    table = experiment.fault_table({("StepTool", 0): result((0.3, 0.0, 0.4), (0.3, 0.5, 0.5)),
+                                    ("StepTool", 1): result((0.2, 0.1, 0.2), (0.4, 0.7, 0.6)),
+                                    ("PPO-final", 0): result((0.3, 0.0, 0.4), (0.1, 0.0, 0.3))})
+    rows = table.splitlines()[2:]
+    assert rows == ["| SFT | 2 | 25.0 | 5.0 | 30.0 |", "| StepTool | 2 | 35.0 | 60.0 | 55.0 |",
+                    "| PPO-final | 1 | 10.0 | 0.0 | 30.0 |"]
+    assert experiment.record_file("p", {"runs": [{"fault_rate": 0.0}]}) == "experiment-p.json"
 
 
 def test_differing_sft_evaluations_are_kept_apart_and_mismatched_test_lists_are_refused():
