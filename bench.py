@@ -344,7 +344,8 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     """One StepTool iteration of the smollm2 preset (rollout at its temperature, step rewards, collate, ppo_update
     against the LoRA-disabled reference) with every speed feature on, or all off: shared prefix (rollout and
     collate), action-only logits, frozen base in bf16 (off: float32, cast by autocast in training; rollouts run
-    without autocast, as in train.py, so in float32), use_sampling_logprobs, micro-batches padded ≤ max_padding. Phase times from timestamps: the
+    without autocast, as in train.py, so in float32), use_sampling_logprobs, micro-batches padded ≤ max_padding;
+    on also has the preset's activation checkpointing (memory for ~12% more update time). Phase times from timestamps: the
     rollout (+ rewards, collate); ppo_update's pass (1) until its first grad-enabled policy call, split into the
     reference calls and the rest (π_old, V_old, advantages); the update from there to the end."""
     from batching import collate, predictors, token_logprobs
@@ -356,9 +357,11 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     cfg = smollm2_config(episodes, flags)
     cfg.rollout.shared_prefix = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
     cfg.ppo.max_padding = cfg.ppo.max_padding if on else 1.0           # off: micro-batches by token budget only
+    cfg.checkpoint_layers = cfg.checkpoint_layers and on                # a memory switch the preset turns on
     temperature = cfg.rollout.temperature           # π is softmax(logits / T), the distribution that was sampled
     torch.manual_seed(seed)
     model, tok = load_pretrained(path)
+    model.checkpoint_layers = cfg.checkpoint_layers
     add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
     if on:
         store_frozen_weights_in(model, BF16)

@@ -165,7 +165,7 @@ def load_optimizer(path: str, optimizer, state: dict, policy=None):
 
 # Flags that may change when a run is resumed; any other change would continue one experiment as another (seen: a
 # resume with another --token-budget retrained the SFT warm start under the checkpoint's adapters).
-RESUMABLE_CHANGES = {"resume", "iters", "eval_every", "keep_checkpoints", "max_bad_iters"}
+RESUMABLE_CHANGES = {"resume", "iters", "eval_every", "keep_checkpoints", "max_bad_iters", "checkpoint_layers"}
 
 
 def check_resume(cfg):

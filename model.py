@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
@@ -234,6 +235,7 @@ class Transformer(nn.Module):
         self.apply(self._init_weights)
         self.tie_weights()
         self._inv_freq = {}                          # device -> (D/2,) float32; see deviation 8
+        self.checkpoint_layers = False               # activation checkpointing, set from Config.checkpoint_layers
 
     @staticmethod
     def _init_weights(m):                            # from-scratch init, as HF: N(0, 0.02), zero bias, unit norms
@@ -282,8 +284,13 @@ class Transformer(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                        # (B, 1, T, D)
         cos, sin = emb.cos(), emb.sin()
         x = self.model.embed_tokens(input_ids)                                  # (B, T, C)
+        # Activation checkpointing (training forwards only): keep each layer's input, recompute the rest in backward.
+        recompute = self.checkpoint_layers and torch.is_grad_enabled() and cache is None
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache, prefix)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, prefix, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, prefix)
         if cache is not None:
             cache.advance(T, m)
         x = self.model.norm(x)                                                  # hidden: what lm_head sees

@@ -116,6 +116,7 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
         torch.manual_seed(cfg.sft_seed)
         model = Transformer(config).to(device=device)
+    model.checkpoint_layers = cfg.checkpoint_layers
     # Expert demonstrations, through the same rollout loop and tokenisation as RL.
     episodes = []
     for i in range(0, len(tasks), 256):

@@ -96,6 +96,7 @@ def load_model(cfg: Config, suite, d, device, say):
         model, tokenizer, warm_start_dir = warm_start(cfg, suite, model_dir, device, log=say)
     if d.main:
         distributed.barrier(d)
+    model.checkpoint_layers = cfg.checkpoint_layers
     if uses_lora(cfg):
         add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
         if cfg.dtype != "float32":        # frozen base in the autocast dtype; adapters and optimizer stay float32

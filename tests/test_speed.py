@@ -4,6 +4,7 @@
 - the LM head only at positions that predict an action token (token_logprobs(targets=...));
 - frozen base weights stored in bfloat16 under LoRA (store_frozen_weights_in).
 """
+import pytest
 import torch
 
 import model as M
@@ -49,6 +50,30 @@ def test_a_shared_prefix_computed_once_gives_the_logits_and_gradients_of_the_ful
     assert hidden.shape == (3, 17, 32) and torch.all(hidden[:, :9] == 0)         # never read over the prefix
     for a, b in zip(g_prefix, g_full):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix_len, kept", [(0, 0.5), (9, 0.75)])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients_and_keeps_fewer_activations(prefix_len, kept):
+    """checkpoint_layers recomputes each layer in backward: same loss, same LoRA gradients (with and without the
+    shared prefix, whose K/V the recomputed layers read), and fewer tensors saved for backward (measured 29% and 61%
+    of the elements: the one-row prefix forward writes a cache and is not checkpointed, and here it is 9 of 26
+    tokens; in a SmolLM2 micro-batch it is ~400 of ~2,000)."""
+    model = tiny_lora_model()
+    ids, att, am = batch_with_shared_prefix(P=9)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for on in (False, True):
+        model.checkpoint_layers = on
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            logits, _ = M.forward_with_prefix(model, ids, att, prefix_len, logits_at=predictors(am))
+            loss = token_logprobs(logits, ids, targets=am).sum()
+        results.append((loss.detach(), torch.autograd.grad(loss, trainable), sum(saved)))
+    (loss_off, g_off, saved_off), (loss_on, g_on, saved_on) = results
+    torch.testing.assert_close(loss_on, loss_off, rtol=0, atol=0)
+    for a, b in zip(g_on, g_off):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert saved_on < kept * saved_off
 
 
 def test_logits_only_at_action_tokens_give_the_same_logprobs_and_entropy_as_the_dense_path():
