@@ -91,7 +91,10 @@ ONE_PROCESS = OneProcess()
 
 
 def value_mask(batch, cfg):
-    """Where the value loss applies, in token positions of state_values (contract 5): (B, T) bool."""
+    """Where the value loss applies, in token positions of state_values (contract 5): (B, T) bool. Nowhere under
+    step-group, which has no critic (its value loss is 0, not a loss of zeros against the returns)."""
+    if cfg.advantage == "step-group":
+        return torch.zeros_like(batch["action_mask"])
     if cfg.advantage == "token":
         return batch["action_mask"]
     start = torch.where(batch["step_mask"], batch["step_start"], 0)  # position 0 is never a step start
@@ -241,7 +244,8 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
 
     # (4) statistics: means over the optimizer steps taken, read from the device in one transfer
     stats = {k: sum(s[k] for s in kept) / len(kept) if kept else float("nan") for k in step} | adv_stats
-    stats["explained_variance"] = explained_variance(ret, old_v, vmask, dp.all_sum)
+    no_critic = cfg.advantage == "step-group"
+    stats["explained_variance"] = float("nan") if no_critic else explained_variance(ret, old_v, vmask, dp.all_sum)
     out = dict(zip(stats, torch.stack([torch.as_tensor(x, device=dev).float() for x in stats.values()]).tolist()))
     return out | dict(skipped_steps=n_steps - len(kept), optimizer_steps=n_steps,
                       padding_fraction=padding_fraction([n - P for n in lengths], packed),

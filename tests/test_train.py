@@ -1,5 +1,6 @@
 """train.py end to end: the smoke preset, exact resume after SIGKILL, and one-line errors for bad input."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -183,6 +184,9 @@ def test_step_group_trains_without_a_value_head_on_groups_of_rollouts_of_one_tas
     assert sorted(groups.count(g) for g in set(groups)) == [4, 4]                # 8 episodes = 2 tasks x 4 rollouts
     ckpt = os.path.join(str(tmp_path), "ckpt-000000")
     assert load_file(os.path.join(ckpt, "value_head.safetensors")) == {}
+    with open(os.path.join(str(tmp_path), "metrics.jsonl")) as f:
+        logged = json.loads(f.readline())
+    assert logged["v_loss"] == 0.0 and math.isnan(logged["explained_variance"])  # no critic: nothing to log for one
 
 
 def test_a_group_size_that_does_not_divide_the_episodes_is_a_one_line_error():
