@@ -10,7 +10,7 @@ forward_ratio_vs_transformers_100m, train_step_ratio_vs_transformers, train_step
 kv_continuation_work_ratio, kv_continuation_time_ratio, ppo_tokens_per_s, padding_fraction, ppo_iter_peak_rss_mb.
 With --model, only the real-model keys (see `bench_real`): real_forward_ratio_vs_transformers, real_ppo_step_ratio_vs_peft,
 real_generate_ratio_vs_transformers, real_iteration_s, real_iteration_phase_s, real_iteration_speedup,
-real_iteration_peak_rss_mb, padding_fraction (+ _off), and the use_sampling_logprobs figures.
+real_iteration_peak_rss_mb, padding_fraction (+ _off), the use_sampling_logprobs figures, real_compile_forward_speedup.
 """
 from __future__ import annotations
 
@@ -244,6 +244,22 @@ def bench_real_forward(path, tok, repeat, B=4, T=512):
     return {"real_forward_ratio_vs_transformers": t["hf"] / t["ours"], "real_forward_tokens_per_s": B * T / t["ours"]}
 
 
+def bench_real_compile(path, tok, repeat, B=4, T=512):
+    """torch.compile on our forward (no grad, bf16, B real episodes cut to T tokens): compiled / eager speed, and
+    the one-off compile time. Measured, not used by train.py: a training forward's lengths change every micro-batch
+    and the KV cache is Python state, so there it would recompile or break the graph."""
+    from model import load_pretrained
+    ids = torch.tensor([ep.token_ids[:T] for ep in expert_episodes(tok, B)])
+    model = load_pretrained(path, dtype=BF16)[0]
+    compiled = torch.compile(model)
+    with torch.no_grad(), torch.autocast("cpu", BF16):
+        t0 = time.perf_counter()
+        compiled(ids)
+        compile_s = time.perf_counter() - t0
+        t = alternate({"eager": lambda: model(ids), "compiled": lambda: compiled(ids)}, repeat)
+    return {"real_compile_forward_speedup": t["eager"] / t["compiled"], "real_compile_s": compile_s}
+
+
 def bench_real_ppo_step(path, tok, cfg, repeat, n_episodes=8):
     """One PPO micro-batch of expert episodes: forward, loss = −Σ log π(action tokens) / their count, backward, with
     LoRA (rank, alpha of the preset) on all 7 projections, bf16 autocast. Ours: frozen base stored in bf16, the shared
@@ -433,7 +449,8 @@ def bench_real(path, size, json_file="") -> dict:
     it = json.loads(child.stdout.strip().splitlines()[-1])
     for part in (lambda: bench_real_forward(path, tok, s["repeat"], *s["forward"]),
                  lambda: bench_real_ppo_step(path, tok, cfg, s["repeat"], s["ppo_episodes"]),
-                 lambda: bench_real_generate(path, tok, cfg, s["repeat"], *s["generate"])):
+                 lambda: bench_real_generate(path, tok, cfg, s["repeat"], *s["generate"]),
+                 lambda: bench_real_compile(path, tok, s["repeat"], *s["forward"])):
         r |= part()
         gc.collect()                                 # each part's models go before the next part loads its own
         if json_file:                                # each part as it finishes: a long run leaves partial results
