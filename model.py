@@ -337,8 +337,10 @@ def forward_with_prefix(model, input_ids, attention_mask=None, prefix_len=0, log
     - prefix_len P > 0: the first P tokens are the same in every row (the system prompt); they run once, as a one-row
       prefix every row continues from (with gradient: adapters that shape the prefix get exactly the summed gradient
       of every row). Hidden states over the prefix come back as zeros (never read: no action token lies in it).
+      One row has nothing to share: it runs the plain forward (on SmolLM2, 1 row of 392 + 1,000 tokens, forward and
+      backward: 7.9 s plain vs 9.4 s through the prefix, whose attention needs an explicit mask).
     - logits_at (B, T) bool: the LM head (V × C, a fifth of SmolLM2's FLOPs) runs only there -> logits (N, V)."""
-    if not prefix_len:
+    if not prefix_len or input_ids.shape[0] == 1:    # one row has nothing to share: the plain (faster) forward
         return model(input_ids, attention_mask, return_hidden=True, logits_to_keep=logits_at)
     P, weight = prefix_len, model.model.embed_tokens.weight
     prefix = KVCache(model.config, 1, P, input_ids.device, weight.dtype)

@@ -52,6 +52,18 @@ def test_a_shared_prefix_computed_once_gives_the_logits_and_gradients_of_the_ful
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_a_single_row_takes_the_plain_forward_and_gets_the_same_action_logits():
+    """prefix_len is ignored for one row (nothing to share): the same logits at the action positions as the plain
+    forward, and the hidden states over the prefix are the real ones, not the zeros of the shared-prefix path."""
+    model = tiny_lora_model()
+    ids, att, am = batch_with_shared_prefix(P=9)
+    logits, hidden = M.forward_with_prefix(model, ids[:1], att[:1], prefix_len=9, logits_at=predictors(am[:1]))
+    full, full_hidden = model(ids[:1], attention_mask=att[:1], return_hidden=True)
+    torch.testing.assert_close(logits, full[predictors(am[:1])], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, full_hidden, rtol=0, atol=0)
+    assert hidden[:, :9].abs().sum() > 0
+
+
 @pytest.mark.parametrize("prefix_len, kept", [(0, 0.5), (9, 0.75)])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients_and_keeps_fewer_activations(prefix_len, kept):
     """checkpoint_layers recomputes each layer in backward: same loss, same LoRA gradients (with and without the
