@@ -24,6 +24,7 @@ Deviations from the paper (numbered; the paper's own values are in ../shared/PAP
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 import hashlib
 import json
@@ -71,6 +72,16 @@ def resident_mb() -> float | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError):
         return None
+
+
+def release_freed_memory():
+    """Hand the heap memory freed by the last phase back to the OS. glibc keeps freed blocks for reuse, and with
+    tensors of new sizes every micro-batch it reuses few: a SmolLM2 run's resident set grew 300-400 MB per iteration,
+    and one malloc_trim took a run from 3.97 to 1.64 GB. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -303,6 +314,7 @@ def main(cfg: Config) -> dict:
             for ep in episodes:
                 ep.rewards = REWARDS[cfg.reward](ep, cfg.rewards)
         t_roll = time.time() - t0
+        release_freed_memory()                           # the rollout's KV caches
 
         # --- PPO update: step-level advantages, then epochs of clipped updates (ppo.py)
         # The system prompt every episode shares runs once per micro-batch (exact). Not under FSDP: there a rank
@@ -312,6 +324,7 @@ def main(cfg: Config) -> dict:
         stats = ppo_update(trained, optimizer, batch, cfg.ppo, reference_logprobs_fn=ref_logprobs,
                            autocast_dtype=autocast, device_type=device.type, generator=gen,
                            temperature=cfg.rollout.temperature)
+        release_freed_memory()                           # the update's activations
         # Numerical guard (ppo.py skips any non-finite step); a run that only produces them stops here.
         bad_iters = bad_iters + 1 if stats["skipped_steps"] == stats["optimizer_steps"] else 0
         if bad_iters >= cfg.max_bad_iters:
