@@ -370,6 +370,7 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     from rewards import REWARDS
     from rollout import ModelPolicy, rollout
     from tools import make_suite
+    from train import release_freed_memory
     cfg = smollm2_config(episodes, flags)
     cfg.rollout.shared_prefix = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
     cfg.ppo.max_padding = cfg.ppo.max_padding if on else 1.0           # off: micro-batches by token budget only
@@ -398,6 +399,8 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
         ep.rewards = REWARDS[cfg.reward](ep, cfg.rewards)
     batch = collate(eps, tok.pad_id, shared_prefix=on)
     t_rollout = time.perf_counter() - t0
+    if on:
+        release_freed_memory()                      # as train.py does after each rollout and update
     model.train()
     extra = sampling_vs_fresh(policy, batch, cfg.ppo, temperature) if on else {}        # not timed
     marks = {"reference": 0.0, "first_grad": None}
@@ -419,6 +422,8 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     stats = ppo_update(timed_policy, optimizer, batch, cfg.ppo, reference_logprobs_fn=reference, autocast_dtype=BF16,
                        generator=gen, temperature=temperature)
     t2 = time.perf_counter()
+    if on:
+        release_freed_memory()
     phases = {"rollout": t_rollout, "old_logprobs": marks["first_grad"] - t1 - marks["reference"],
               "reference": marks["reference"], "update": t2 - marks["first_grad"]}
     return {"s": t2 - t0, "phase_s": phases, "padding_fraction": stats["padding_fraction"],
