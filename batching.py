@@ -82,15 +82,16 @@ def pack_microbatches(lengths, token_budget, max_padding=1.0):
     Sorted by length (longest first) so rows of similar length share a group and padding stays small. A row that
     would pad its group beyond max_padding starts a new one: one more forward, and (with a shared prefix) the prefix
     once more, against fewer wasted slots."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups = []
-    for i in order:
-        g = groups[-1] if groups else []
-        slots = (len(g) + 1) * lengths[g[0]] if g else 0  # the first row of a group is its longest
-        if g and slots <= token_budget and slots - sum(lengths[j] for j in g) - lengths[i] <= max_padding * slots:
-            g.append(i)
-        else:
-            groups.append([i])
+    groups, real = [], 0  # real: the open group's tokens without padding
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups:
+            slots = (len(groups[-1]) + 1) * lengths[groups[-1][0]]  # the first row of a group is its longest
+            if slots <= token_budget and slots - real - lengths[i] <= max_padding * slots:
+                groups[-1].append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
     return groups
 
 
