@@ -44,11 +44,16 @@ RUN_DIR_TAG = {"PPO-final": "ppo"}     # run directories from before the rename 
 GROUPS = ["G1", "G2", "G3", "all"]
 
 
-def run(out: str, preset: str, seed: int, flags: list, extra: list) -> dict:
+def run(out: str, preset: str, seed: int, flags: list, extra: list, n_test: int | None = None) -> dict:
+    """train.py's results.json for one (method, seed). A finished run is reused: the experiment resumes. With n_test,
+    a finished run evaluated on another test list resumes from its last checkpoint, trains nothing more, and is
+    evaluated on the first n_test tasks of the fixed test list (--n-test may change on --resume)."""
     path = os.path.join(out, "results.json")
-    if not os.path.exists(path):                       # finished runs are reused: the experiment resumes
+    evaluated_on = lambda: json.load(open(path))["test_outcomes"] if os.path.exists(path) else None  # noqa: E731
+    done = evaluated_on()
+    if done is None or (n_test is not None and len(done) != n_test):
         cmd = [sys.executable, "train.py", "--out", out, "--preset", preset, "--seed", str(seed), "--resume",
-               *flags, *extra]
+               *flags, *extra, *(["--n-test", str(n_test)] if n_test is not None else [])]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     with open(path) as f:
@@ -219,10 +224,12 @@ def fault_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def record_file(preset: str, record: dict) -> str:
-    """experiment-<preset>.json, or experiment-<preset>-faults<percent>.json for runs under injected faults."""
+def record_file(preset: str, record: dict, n_test: int | None = None) -> str:
+    """experiment-<preset>.json; -faults<percent> for runs under injected faults, -test<n> for a test list of another
+    length than the preset's (--n-test)."""
     rate = max(r["fault_rate"] for r in record["runs"])
-    return f"experiment-{preset}" + (f"-faults{round(100 * rate)}" if rate else "") + ".json"
+    return (f"experiment-{preset}" + (f"-faults{round(100 * rate)}" if rate else "")
+            + (f"-test{n_test}" if n_test is not None else "") + ".json")
 
 
 def plot(histories: dict, path: str) -> bool:
@@ -255,6 +262,8 @@ def main(argv=None):
                         help=f"RL methods to run (from {', '.join(METHODS)}; default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--out", help="run directory (default: runs/experiment, or runs/experiment-<preset>)")
     parser.add_argument("--results-dir", default="results", help="where experiment-<preset>.json goes")
+    parser.add_argument("--n-test", type=int, help="evaluate on the first N test tasks instead of the preset's; "
+                        "finished runs are re-evaluated from their last checkpoint, not retrained")
     args, extra = parser.parse_known_args(argv)
     out = args.out or ("runs/experiment" if args.preset == "default" else f"runs/experiment-{args.preset}")
     os.makedirs(out, exist_ok=True)
@@ -263,12 +272,12 @@ def main(argv=None):
         histories[method] = []
         for seed in args.seeds:
             tag = RUN_DIR_TAG.get(method, method.lower())
-            result = run(os.path.join(out, f"{tag}-seed{seed}"), args.preset, seed, METHODS[method], extra)
+            result = run(os.path.join(out, f"{tag}-seed{seed}"), args.preset, seed, METHODS[method], extra, args.n_test)
             results[method, seed] = result
             histories[method].append((result["sft_val"]["all"]["pass_rate"], result["history"]))
     record = experiment_record(args.preset, results)
     os.makedirs(args.results_dir, exist_ok=True)
-    path = os.path.join(args.results_dir, record_file(args.preset, record))
+    path = os.path.join(args.results_dir, record_file(args.preset, record, args.n_test))
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     md = (f"Test list of {len(record['test_task_ids'])} tasks, seeds {args.seeds}: pass rate (%), mean ± std over "

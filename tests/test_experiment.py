@@ -105,6 +105,26 @@ def test_the_experiment_file_is_written_from_existing_runs_without_training(tmp_
     assert "| StepTool | 1 | 30.0 | 25.0 | 50.0 |" in md                       # the fault table, from the metrics
 
 
+def test_a_finished_run_is_reused_unless_another_test_length_is_asked_for(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_train(cmd, check):                        # train.py --resume: writes results.json for --n-test tasks
+        calls.append(cmd)
+        n = int(cmd[cmd.index("--n-test") + 1]) if "--n-test" in cmd else 4
+        (tmp_path / "results.json").write_text(json.dumps({"test_outcomes": {f"t{i}": 1 for i in range(n)}}))
+
+    monkeypatch.setattr(experiment.subprocess, "run", fake_train)
+    first = experiment.run(str(tmp_path), "smoke", 0, ["--reward", "step"], [])
+    assert len(calls) == 1 and len(first["test_outcomes"]) == 4
+    experiment.run(str(tmp_path), "smoke", 0, ["--reward", "step"], [])          # finished: reused
+    experiment.run(str(tmp_path), "smoke", 0, ["--reward", "step"], [], n_test=4)  # finished on 4 tasks: reused
+    assert len(calls) == 1
+    longer = experiment.run(str(tmp_path), "smoke", 0, ["--reward", "step"], [], n_test=9)
+    assert len(calls) == 2 and len(longer["test_outcomes"]) == 9
+    assert "--resume" in calls[1] and calls[1][-2:] == ["--n-test", "9"]
+    assert experiment.record_file("smoke", {"runs": [{"fault_rate": 0.0}]}, n_test=9) == "experiment-smoke-test9.json"
+
+
 def test_the_fault_table_averages_each_method_over_seeds_and_takes_sft_from_each_seed():
     def result(sft, rl):
         keys = ("fault_rate", "retry_after_fault", "pass_rate")

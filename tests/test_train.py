@@ -204,6 +204,17 @@ def test_resuming_with_other_settings_is_refused_in_one_line_but_more_iterations
     assert "--token-budget 4096, not 2048" in changed.stderr
     longer = train("--preset", "smoke", "--iters", "2", "--cache-dir", cache, "--out", out, "--resume")
     assert longer.returncode == 0, longer.stderr[-2000:]
+    with open(os.path.join(out, "results.json")) as f:
+        trained = json.load(f)
+    # A finished run resumed with another --n-test trains nothing more and is evaluated on that many test tasks
+    # (experiment.py --n-test): the same history, a new test list.
+    shorter = train("--preset", "smoke", "--iters", "2", "--cache-dir", cache, "--out", out, "--resume",
+                    "--n-test", "6")
+    assert shorter.returncode == 0, shorter.stderr[-2000:]
+    with open(os.path.join(out, "results.json")) as f:
+        reevaluated = json.load(f)
+    assert len(trained["test_outcomes"]) == 18 and len(reevaluated["test_outcomes"]) == 6
+    assert reevaluated["history"] == trained["history"]
     assert "resumed from" in longer.stdout
 
 
