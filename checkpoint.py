@@ -165,8 +165,10 @@ def load_optimizer(path: str, optimizer, state: dict, policy=None):
 
 # Flags that may change when a run is resumed; any other change would continue one experiment as another (seen: a
 # resume with another --token-budget retrained the SFT warm start under the checkpoint's adapters). --n-test only
-# sizes the final evaluation: a finished run resumed with another one is re-evaluated (experiment.py --n-test).
-RESUMABLE_CHANGES = {"resume", "iters", "eval_every", "keep_checkpoints", "max_bad_iters", "checkpoint_layers", "n_test"}
+# sizes the final evaluation: a finished run resumed with another one is re-evaluated (experiment.py --n-test); a run
+# directory may be moved or copied (--out).
+RESUMABLE_CHANGES = {"resume", "out", "iters", "eval_every", "keep_checkpoints", "max_bad_iters", "checkpoint_layers",
+                     "n_test"}
 
 
 def check_resume(cfg):
