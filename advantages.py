@@ -188,5 +188,8 @@ def compute_advantages(batch, values, old_logprobs, ref_logprobs, cfg, all_sum=o
     adv, ret = ADVANTAGES[cfg.advantage](batch, values.float(), rewards, kl, beta, cfg, all_sum)
     episode_return = batch["step_rewards"].where(step_mask, 0.0).sum(1)  # (B,)
     every_episode = torch.ones_like(episode_return).bool()
-    stats = {"kl": masked_mean(kl, am, all_sum), "reward": masked_mean(episode_return, every_episode, all_sum)}
+    # zero_advantage: the share of action tokens that teach nothing (step-group: a state whose rollouts all got the same
+    # return; GAE: practically never)
+    stats = {"kl": masked_mean(kl, am, all_sum), "reward": masked_mean(episode_return, every_episode, all_sum),
+             "zero_advantage": masked_mean((adv.abs() < 1e-6).float(), am, all_sum)}
     return adv, ret, stats

@@ -505,6 +505,19 @@ def test_a_group_whose_returns_are_all_equal_gets_zero_advantage_not_nan():
     assert torch.equal(adv, torch.zeros(4, 3))
 
 
+def test_the_share_of_zero_advantage_tokens_counts_the_steps_whose_state_group_had_equal_returns():
+    # Bandit: all first steps share the prompt (returns 1 or 0: nonzero advantages, 2 tokens each); every second step
+    # (1 token) is in a group of rollouts with the same first action, all with return 0: zero advantage -> 1/3.
+    b = bandit_batch(6)
+    b["episode_group"] = torch.zeros(6, dtype=torch.long)
+    b["state_id"] = torch.tensor([[0, 1 if i % 2 == 0 else 2] for i in range(6)])      # the second state: which action
+    zeros = torch.zeros(b["input_ids"].shape)
+    _, _, group_stats = advantages.compute_advantages(b, zeros, zeros, None, PPOConfig(advantage="step-group"))
+    _, _, gae_stats = advantages.compute_advantages(b, torch.rand(zeros.shape), zeros, None, PPOConfig())
+    assert group_stats["zero_advantage"].item() == pytest.approx(1 / 3)
+    assert gae_stats["zero_advantage"].item() == 0.0
+
+
 def test_without_value_clipping_the_value_loss_is_half_the_squared_error_and_with_it_the_clipped_max():
     new_v, old_v, ret = torch.tensor([[0.0, 3.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 4.0]])
     zero, mask = torch.zeros(1, 2), torch.tensor([[False, True]])
