@@ -356,6 +356,20 @@ def sampling_vs_fresh(policy, batch, ppo_cfg, temperature):
             "old_logprobs_pass_s": t}
 
 
+def peak_rss_mb(reset: bool = False) -> float | None:
+    """This process's peak resident memory (VmHWM, MB) since the last reset; reset=True then starts a new peak
+    (Linux: writing 5 to /proc/self/clear_refs). None where /proc is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return peak
+    except (OSError, StopIteration):
+        return None
+
+
 def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> dict:
     """One StepTool iteration of the smollm2 preset (rollout at its temperature, step rewards, collate, ppo_update
     against the LoRA-disabled reference) with every speed feature on, or all off: shared prefix (rollout and
@@ -363,7 +377,8 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     without autocast, as in train.py, so in float32), use_sampling_logprobs, micro-batches padded ≤ max_padding;
     on also has the preset's activation checkpointing (memory for ~12% more update time). Phase times from timestamps: the
     rollout (+ rewards, collate); ppo_update's pass (1) until its first grad-enabled policy call, split into the
-    reference calls and the rest (π_old, V_old, advantages); the update from there to the end."""
+    reference calls and the rest (π_old, V_old, advantages); the update from there to the end. Peak resident memory
+    per phase: loading (the model, LoRA, the bf16 cast), rollout, pass (1) (old log-probs + reference), update."""
     from batching import collate, predictors, token_logprobs
     from model import add_lora, forward_with_prefix, load_pretrained, lora_disabled, store_frozen_weights_in
     from ppo import ppo_update
@@ -390,6 +405,7 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     suite = make_suite("large")
     env, tasks, gen = suite.environment(), suite.tasks("train", episodes, seed=seed + 1), torch.Generator().manual_seed(seed)
 
+    peaks = {"load": peak_rss_mb(reset=True)}
     t0 = time.perf_counter()
     model.eval()
     eps = []
@@ -401,13 +417,16 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     t_rollout = time.perf_counter() - t0
     if on:
         release_freed_memory()                      # as train.py does after each rollout and update
+    peaks["rollout"] = peak_rss_mb(reset=True)
     model.train()
     extra = sampling_vs_fresh(policy, batch, cfg.ppo, temperature) if on else {}        # not timed
+    peak_rss_mb(reset=True)                         # nor is its memory part of the iteration
     marks = {"reference": 0.0, "first_grad": None}
 
     def timed_policy(*args, **kwargs):
         if torch.is_grad_enabled() and marks["first_grad"] is None:
             marks["first_grad"] = time.perf_counter()
+            peaks["old_logprobs_and_reference"] = peak_rss_mb(reset=True)
         return policy(*args, **kwargs)
 
     def reference(input_ids, attention_mask, prefix_len=0, targets=None):   # train.py's: the policy, adapters off
@@ -422,11 +441,12 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     stats = ppo_update(timed_policy, optimizer, batch, cfg.ppo, reference_logprobs_fn=reference, autocast_dtype=BF16,
                        generator=gen, temperature=temperature)
     t2 = time.perf_counter()
+    peaks["update"] = peak_rss_mb()
     if on:
         release_freed_memory()
     phases = {"rollout": t_rollout, "old_logprobs": marks["first_grad"] - t1 - marks["reference"],
               "reference": marks["reference"], "update": t2 - marks["first_grad"]}
-    return {"s": t2 - t0, "phase_s": phases, "padding_fraction": stats["padding_fraction"],
+    return {"s": t2 - t0, "phase_s": phases, "phase_peak_rss_mb": peaks, "padding_fraction": stats["padding_fraction"],
             "tokens": int(batch["attention_mask"].sum()), "action_tokens": int(batch["action_mask"].sum()),
             "steps": sum(len(ep.steps) for ep in eps), "prefix_len": batch["prefix_len"], **extra}
 
@@ -464,6 +484,8 @@ def bench_real(path, size, json_file="") -> dict:
     r.update(real_iteration_s=on["s"], real_iteration_phase_s=on["phase_s"], real_iteration_off_s=off["s"],
              real_iteration_off_phase_s=off["phase_s"], real_iteration_speedup=off["s"] / on["s"],
              real_iteration_peak_rss_mb=on["peak_rss_mb"], real_iteration_off_peak_rss_mb=off["peak_rss_mb"],
+             real_iteration_phase_peak_rss_mb=on["phase_peak_rss_mb"],
+             real_iteration_off_phase_peak_rss_mb=off["phase_peak_rss_mb"],
              padding_fraction=on["padding_fraction"], padding_fraction_off=off["padding_fraction"],
              real_iteration_episodes=s["episodes"],
              real_iteration_tokens={"on": on["tokens"], "off": off["tokens"]},

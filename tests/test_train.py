@@ -259,3 +259,21 @@ def test_releasing_freed_memory_returns_heap_holes_to_the_os():
     out = subprocess.run([sys.executable, "-c", RELEASE_CHECK], capture_output=True, text=True, cwd=ROOT, check=True)
     before, after = map(float, out.stdout.split())
     assert before - after > 200                         # of the 300 MB freed
+
+
+PEAK_CHECK = """
+import torch, bench
+bench.peak_rss_mb(reset=True)
+block = torch.ones(2**26)                              # 256 MB, touched
+del block
+first = bench.peak_rss_mb(reset=True)                  # the peak held it; the reset starts from what is resident now
+second = bench.peak_rss_mb()
+print(first, second)
+"""
+
+
+def test_the_per_phase_peak_memory_sees_a_freed_block_and_forgets_it_after_a_reset():
+    """bench.py's per-phase peak (VmHWM, reset through /proc/self/clear_refs), in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", PEAK_CHECK], capture_output=True, text=True, cwd=ROOT, check=True)
+    first, second = map(float, out.stdout.split())
+    assert first - second > 200                         # of the 256 MB allocated and freed before the reset
