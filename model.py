@@ -16,8 +16,10 @@ Deviations and choices (vs transformers / the StepTool authors' code, which used
     (cheaper bookkeeping than per-row pointers, costs a few slots). RoPE positions are per row, so holes are free.
  5. decode() feeds every sampled token (stop token included) into the cache; the next extend() appends only new
     tokens. Finished rows keep stepping with a masked pad until the batched "all done" check (every 8 tokens).
- 6. Sampling by the exponential-race trick (argmax of log p - log E, E ~ Exp(1)): no host sync, same law as
-    multinomial. Greedy (temperature 0) reports the model's own log-prob, not the log 1 = 0 of a point mass.
+ 6. Sampling by inverse CDF (one uniform per row, searchsorted in the cumulative probabilities): no host sync, the
+    law of multinomial, and 8x cheaper on a CPU than the exponential race (one Exp(1) draw per vocabulary entry: 70 ms
+    of a 425 ms SmolLM2 decode step for 32 rows). Greedy (temperature 0) reports the model's own log-prob, not the
+    log 1 = 0 of a point mass.
  7. ValueHead starts at zero (V = 0 everywhere), a common critic init; TRL uses a small random init.
  8. RoPE frequencies are recomputed in float32 per device (not a buffer), so .to(bfloat16) never rounds them.
 
@@ -463,8 +465,10 @@ def sample(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         drop = (p.cumsum(-1) - p) >= top_p
         logits = logits.scatter(1, idx, srt.masked_fill(drop, -math.inf))
     logp = logits.log_softmax(-1)                                                            # (B, V)
-    e = torch.empty_like(logp).exponential_(generator=generator)
-    tok = (logp - e.log()).argmax(-1)                # exponential race == multinomial(p), no host sync
+    # Inverse CDF: the first token whose cumulative probability exceeds u ~ U[0, F_V), no host sync (deviation 6)
+    cdf = logp.exp().cumsum(-1)                                                              # (B, V)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator) * cdf[:, -1:]    # (B, 1)
+    tok = torch.searchsorted(cdf, u, right=True)[:, 0].clamp(max=cdf.shape[1] - 1)           # (B,)
     return tok, logp.gather(1, tok[:, None])[:, 0]
 
 

@@ -302,6 +302,18 @@ def test_top_k_one_is_greedy_and_top_p_logprobs_are_of_the_renormalised_distribu
     torch.testing.assert_close(lp[tok == 0][0], (p[0] / (p[0] + p[1])).log())
 
 
+def test_sampled_tokens_follow_the_distribution_and_never_pick_a_token_top_k_removed():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0, 0.5]]).log_softmax(-1)
+    n, gen = 40_000, torch.Generator().manual_seed(1)
+    tok, lp = M.sample(logits.expand(n, 6), generator=gen)
+    p = logits.exp()[0]
+    freq = torch.bincount(tok, minlength=6).float() / n
+    assert ((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-4).all()          # within 5 standard errors
+    torch.testing.assert_close(lp, logits[0][tok])                                   # the log-prob of each draw
+    top3, _ = M.sample(logits.expand(n, 6), top_k=3, generator=gen)
+    assert set(top3.tolist()) == {0, 1, 5}                                           # the 3 largest, each drawn
+
+
 # ----------------------------------------------------------------------------------------------------- LoRA
 def test_zero_initialised_lora_leaves_outputs_unchanged_and_trains_only_adapters():
     model = our_model()
