@@ -679,9 +679,12 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.enabled:                         # adapters in their own dtype: a bf16 base runs without autocast too
-            x = x.to(self.lora_A.dtype)
-            y = y + (F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+        if self.enabled:
+            # Adapters in their own dtype: a bf16 base runs without autocast too. Under autocast the matmuls run in
+            # its dtype anyway, so x is not copied to float32 first; the scale multiplies the r-wide A x, not the output.
+            if not torch.is_autocast_enabled(x.device.type):
+                x = x.to(self.lora_A.dtype)
+            y = y + F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B).to(y.dtype)
         return y
 
 
