@@ -49,15 +49,18 @@ def run(out: str, preset: str, seed: int, flags: list, extra: list, n_test: int 
     a finished run evaluated on another test list resumes from its last checkpoint, trains nothing more, and is
     evaluated on the first n_test tasks of the fixed test list (--n-test may change on --resume)."""
     path = os.path.join(out, "results.json")
-    evaluated_on = lambda: json.load(open(path))["test_outcomes"] if os.path.exists(path) else None  # noqa: E731
-    done = evaluated_on()
-    if done is None or (n_test is not None and len(done) != n_test):
+
+    def load():
+        with open(path) as f:
+            return json.load(f)
+    result = load() if os.path.exists(path) else None
+    if result is None or (n_test is not None and len(result["test_outcomes"]) != n_test):
         cmd = [sys.executable, "train.py", "--out", out, "--preset", preset, "--seed", str(seed), "--resume",
                *flags, *extra, *(["--n-test", str(n_test)] if n_test is not None else [])]
         print("$", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-    with open(path) as f:
-        return json.load(f)
+        result = load()
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
