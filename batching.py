@@ -107,13 +107,16 @@ def predictors(targets):
     return F.pad(targets[:, 1:], (0, 1))
 
 
-def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chunk=None, targets=None):
-    """log π(input_ids[:, t] | input_ids[:, <t]) for t ≥ 1, 0 at t = 0: (B, T) [and entropy H (B, T)]. Gather minus
-    logsumexp, `chunk` positions at a time in float32: never a float32 (B, T, V) log-softmax.
-    With `targets` (B, T) bool, logits are (N, V), computed only at the N positions `predictors(targets)` selects
-    (row-major order, model.forward_with_prefix(logits_at=...)); tokens outside targets get 0."""
+def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chunk=None, targets=None,
+                   temperature=1.0):
+    """log π(input_ids[:, t] | input_ids[:, <t]) for t ≥ 1, 0 at t = 0: (B, T) [and entropy H (B, T)], π =
+    softmax(logits / temperature). Gather minus logsumexp, `chunk` positions at a time in float32: never a float32
+    (B, T, V) log-softmax. With `targets` (B, T) bool, logits are (N, V), computed only at the N positions
+    `predictors(targets)` selects (row-major order, model.forward_with_prefix(logits_at=...)); tokens outside
+    targets get 0, and the log-probs go through SelectedLogprobs (memory: see there)."""
     if targets is not None:
-        return _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk)
+        return _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk, temperature)
+    logits = logits / temperature if temperature != 1.0 else logits
     B, T, V = logits.shape
     chunk = chunk or max(1, 2**25 // (B * V))  # ~128 MB of float32 per chunk
     # THE logits shift: logits at t−1 predict token t; position 0 has none (`predictors` is the same shift).
@@ -137,17 +140,48 @@ def _logprob_entropy(lf, y, with_entropy, entropy_grad):
         return lp, lse - (lf.softmax(-1) * lf).sum(-1)  # H = logsumexp(z) − Σ p·z
 
 
-def _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk):
+def _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk, temperature):
     scored = F.pad(targets[:, 1:], (1, 0))  # (B, T): the targets, position 0 excepted (nothing predicts it)
     y = input_ids[scored]  # (N,): the n-th predicted token, in the order of predictors(targets)
-    chunk = chunk or max(1, 2**25 // logits.shape[-1])
-    lps, ents = [], []
-    for i in range(0, len(y), chunk):
-        lp, ent = _logprob_entropy(logits[i:i + chunk].float(), y[i:i + chunk], with_entropy, entropy_grad)
-        lps.append(lp)  # (c,)
-        ents += [ent] if with_entropy else []
+    chunk = chunk or max(1, 2**23 // logits.shape[-1])  # ~32 MB of float32 per chunk
+    if with_entropy and entropy_grad and torch.is_grad_enabled():  # an entropy bonus: plain autograd, chunk by chunk
+        parts = [_logprob_entropy(logits[i:i + chunk].float() / temperature, y[i:i + chunk], True, True)
+                 for i in range(0, len(y), chunk)]
+        lp, ent = (torch.cat([p[k] for p in parts]) if parts else logits.new_zeros(0).float() for k in (0, 1))
+    else:
+        lp, ent = SelectedLogprobs.apply(logits, y, temperature, chunk, with_entropy)  # (N,), (N,) or None
     zeros = torch.zeros(scored.shape, device=logits.device)
-    lp = zeros.masked_scatter(scored, torch.cat(lps)) if lps else zeros  # (B, T)
-    if not with_entropy:
-        return lp
-    return lp, zeros.masked_scatter(scored, torch.cat(ents)) if ents else zeros
+    lp = zeros.masked_scatter(scored, lp)  # (B, T)
+    return (lp, zeros.masked_scatter(scored, ent)) if with_entropy else lp
+
+
+class SelectedLogprobs(torch.autograd.Function):
+    """logits (N, V), tokens y (N,) -> log softmax(logits / T)[y] (N,) [, entropy (N,), no gradient], `chunk` rows at
+    a time in float32. Memory: autograd through the plain ops keeps each chunk's float32 logits and builds a full
+    (N, V) gradient per chunk (~0.7 MB per selected row on SmolLM2's 49,152 words: 575 MB for the 800 action tokens
+    of a 2 x 1,000-token micro-batch); this keeps only the logits it was given and writes one (N, V) gradient,
+    chunk by chunk, from the closed form  ∂ log p_y / ∂z_j = (1[j = y] − p_j) / T."""
+    @staticmethod
+    def forward(ctx, logits, y, temperature, chunk, with_entropy):
+        lps, ents = [], []
+        for i in range(0, len(y), chunk):
+            lp, ent = _logprob_entropy(logits[i:i + chunk].float() / temperature, y[i:i + chunk], with_entropy, False)
+            lps.append(lp)  # (c,)
+            ents += [ent] if with_entropy else []
+        ctx.save_for_backward(logits, y)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        empty = logits.new_zeros(0, dtype=torch.float32)
+        lp, ent = torch.cat(lps) if lps else empty, (torch.cat(ents) if ents else empty) if with_entropy else None
+        if ent is not None:
+            ctx.mark_non_differentiable(ent)
+        return lp, ent
+
+    @staticmethod
+    def backward(ctx, grad_lp, grad_ent):  # grad_lp (N,) -> ∂L/∂logits (N, V), in the logits' dtype
+        logits, y = ctx.saved_tensors
+        T, grad = ctx.temperature, torch.empty_like(logits)
+        for i in range(0, len(y), ctx.chunk):
+            p = (logits[i:i + ctx.chunk].float() / T).softmax(-1)  # (c, V)
+            onehot_minus_p = p.neg_().scatter_add_(-1, y[i:i + ctx.chunk, None], p.new_ones(len(p), 1))
+            grad[i:i + ctx.chunk] = onehot_minus_p.mul_(grad_lp[i:i + ctx.chunk, None] / T)
+        return grad, None, None, None, None

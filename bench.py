@@ -347,7 +347,7 @@ def sampling_vs_fresh(policy, batch, ppo_cfg, temperature):
             x, a, targets = ids[idx, :L], att[idx, :L], am[idx, :L]
             t0 = time.perf_counter()
             logits, _ = policy(x, a, prefix_len=P, logits_at=predictors(targets))
-            fresh[idx, :L] = token_logprobs(logits / temperature, x, targets=targets)
+            fresh[idx, :L] = token_logprobs(logits, x, targets=targets, temperature=temperature)
             t1 = time.perf_counter()
             policy(x, a, prefix_len=P, logits_at=torch.zeros_like(targets))           # V only: no LM head
             t["with_logprobs"], t["values_only"] = t["with_logprobs"] + t1 - t0, t["values_only"] + time.perf_counter() - t1
@@ -434,7 +434,7 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
         with lora_disabled(model):
             logits, _ = forward_with_prefix(model, input_ids, attention_mask, prefix_len,
                                             None if targets is None else predictors(targets))
-        out = token_logprobs(logits / temperature, input_ids, targets=targets)
+        out = token_logprobs(logits, input_ids, targets=targets, temperature=temperature)
         marks["reference"] += time.perf_counter() - t
         return out
     t1 = time.perf_counter()

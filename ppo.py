@@ -142,7 +142,7 @@ def policy_forward(policy, batch, idx, L, cfg, temperature, with_entropy=False):
     targets = batch["action_mask"][idx, :L] if cfg.action_logits_only else None  # None: the LM head everywhere
     logits, v = policy(ids, batch["attention_mask"][idx, :L], prefix_len=batch.get("prefix_len", 0),
                        logits_at=None if targets is None else predictors(targets))  # (N, V) or (b, L, V); (b, L)
-    out = token_logprobs(logits / temperature, ids, with_entropy, cfg.ent_coef > 0, targets=targets)
+    out = token_logprobs(logits, ids, with_entropy, cfg.ent_coef > 0, targets=targets, temperature=temperature)
     return (*out, v.float()) if with_entropy else (out, v.float())
 
 

@@ -217,7 +217,7 @@ def reference_logprobs(model, reference, temperature, input_ids, attention_mask,
     with lora_disabled(model) if reference is None else nullcontext():
         logits, _ = forward_with_prefix(model if reference is None else reference, input_ids, attention_mask,
                                         prefix_len, logits_at)
-    return token_logprobs(logits / temperature, input_ids, targets=targets)  # (B, T)
+    return token_logprobs(logits, input_ids, targets=targets, temperature=temperature)  # (B, T)
 
 
 def rollout_batch(cfg: Config, model, tokenizer, env, tasks, generator, d, it) -> list:

@@ -190,6 +190,30 @@ def test_token_logprobs_of_bfloat16_logits_are_float32_and_a_single_token_gives_
     assert batching.token_logprobs(torch.randn(2, 1, 9), torch.zeros(2, 1, dtype=torch.long)).eq(0).all()
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 100])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selected_logprobs_values_and_gradient_equal_autograd_through_log_softmax(chunk, temperature):
+    """The memory-saving path (targets given: logits (N, V) at the selected positions only, a hand-written backward)
+    against plain autograd through log_softmax(z / T).gather, on a weighted sum of the log-probs."""
+    torch.manual_seed(5)
+    ids, targets = torch.randint(0, 13, (2, 6)), torch.tensor([[0, 1, 1, 0, 1, 1], [1, 1, 0, 0, 0, 1]]).bool()
+    z = torch.randn(int(batching.predictors(targets).sum()), 13, requires_grad=True)        # (N, V)
+    w = torch.randn(2, 6)
+    lp, ent = batching.token_logprobs(z, ids, with_entropy=True, entropy_grad=False, chunk=chunk, targets=targets,
+                                      temperature=temperature)
+    (lp * w).sum().backward()
+    z_ref = z.detach().clone().requires_grad_()
+    ref = F.log_softmax(z_ref / temperature, -1)
+    scored = F.pad(targets[:, 1:], (1, 0))                                     # the token each logit row predicts
+    expected = torch.zeros(2, 6).masked_scatter(scored, ref.gather(-1, ids[scored][:, None])[:, 0])
+    (expected * w).sum().backward()
+    torch.testing.assert_close(lp, expected.detach())
+    torch.testing.assert_close(z.grad, z_ref.grad)
+    expected_ent = torch.zeros(2, 6).masked_scatter(scored, -(ref.exp() * ref).sum(-1).detach())
+    torch.testing.assert_close(ent, expected_ent)
+    assert not ent.requires_grad and lp.requires_grad
+
+
 # ---------------------------------------------------------------- loss
 
 def test_ppo_loss_on_a_hand_computed_two_token_example():
