@@ -493,8 +493,8 @@ def bench_real(path, size, json_file="") -> dict:
              real_iteration_prefix_len=on["prefix_len"],
              sampling_logprob_max_abs_diff=on["sampling_logprob_max_abs_diff"],
              sampling_logprob_mean_abs_diff=on["sampling_logprob_mean_abs_diff"],
-             # use_sampling_logprobs skips no computation today: pass (1) still runs the forward for V_old; what a
-             # values-only pass (1) would save is with_logprobs − values_only
+             # use_sampling_logprobs: pass (1) still runs the forward for V_old, without the LM head; what that saves
+             # is with_logprobs − values_only
              old_logprobs_pass_s=on["old_logprobs_pass_s"],
              use_sampling_logprobs_could_save_s=on["old_logprobs_pass_s"]["with_logprobs"]
              - on["old_logprobs_pass_s"]["values_only"])

@@ -155,7 +155,12 @@ def old_policy_pass(policy, batch, microbatches, cfg, temperature, reference_log
     ref_lp = torch.zeros(shape, device=dev) if reference_logprobs_fn else None
     for idx, L in microbatches:
         with autocast:
-            old_lp[idx, :L], values[idx, :L] = policy_forward(policy, batch, idx, L, cfg, temperature)
+            if cfg.use_sampling_logprobs:  # log π_old is the rollout's: V_old only, no LM head
+                ids, att = batch["input_ids"][idx, :L], batch["attention_mask"][idx, :L]
+                values[idx, :L] = policy(ids, att, prefix_len=batch.get("prefix_len", 0),
+                                         logits_at=torch.zeros_like(att, dtype=torch.bool))[1].float()
+            else:
+                old_lp[idx, :L], values[idx, :L] = policy_forward(policy, batch, idx, L, cfg, temperature)
             if ref_lp is not None:
                 ids, att, am = (batch[k][idx, :L] for k in ("input_ids", "attention_mask", "action_mask"))
                 ref_lp[idx, :L] = reference_logprobs_fn(ids, att, prefix_len=batch.get("prefix_len", 0),

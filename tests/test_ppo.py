@@ -495,6 +495,21 @@ def test_kl_in_the_loss_and_sampling_logprobs_flags_run_and_the_same_seed_gives_
     assert torch.equal(params[0], params[1])
 
 
+def test_with_sampling_logprobs_the_no_grad_pass_asks_the_policy_for_values_only():
+    b, logits_asked = bandit_batch(6), []
+    policy = MockPolicy(seed=3)
+
+    def recording(ids, att, prefix_len=0, logits_at=None):
+        if not torch.is_grad_enabled():          # pass (1): π_old, V_old
+            logits_asked.append(None if logits_at is None else int(logits_at.sum()))
+        return policy(ids, att, prefix_len, logits_at)
+    for sampling in (False, True):
+        logits_asked.clear()
+        cfg = PPOConfig(use_sampling_logprobs=sampling, action_logits_only=True)
+        ppo.ppo_update(recording, torch.optim.Adam(policy.parameters(), lr=0.01), b, cfg)
+        assert logits_asked and all((n == 0) == sampling for n in logits_asked)  # sampling: no LM head in pass (1)
+
+
 # ------------------------------------------------------------------------------------ critic-free step groups
 def test_step_group_advantages_on_a_hand_computed_group_with_shared_and_diverging_states():
     # Three rollouts of one task (γ = 1). All start from the prompt (state 0). Rollouts 0 and 1 made the same first
