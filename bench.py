@@ -375,7 +375,8 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     against the LoRA-disabled reference) with every speed feature on, or all off: shared prefix (rollout and
     collate), action-only logits, frozen base in bf16 (off: float32, cast by autocast in training; rollouts run
     without autocast, as in train.py, so in float32), use_sampling_logprobs, micro-batches padded ≤ max_padding;
-    on also has the preset's activation checkpointing (memory for ~12% more update time). Phase times from timestamps: the
+    on also has the preset's activation checkpointing (memory for ~12% more update time) and glibc's mmap threshold
+    (--mmap-threshold-mb; off: glibc's default). Phase times from timestamps: the
     rollout (+ rewards, collate); ppo_update's pass (1) until its first grad-enabled policy call, split into the
     reference calls and the rest (π_old, V_old, advantages); the update from there to the end. Peak resident memory
     per phase: loading (the model, LoRA, the bf16 cast), rollout, pass (1) (old log-probs + reference), update."""
@@ -385,12 +386,14 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     from rewards import REWARDS
     from rollout import ModelPolicy, rollout
     from tools import make_suite
-    from train import release_freed_memory
+    from train import map_large_allocations, release_freed_memory
     cfg = smollm2_config(episodes, flags)
     cfg.rollout.shared_prefix = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
     cfg.ppo.max_padding = cfg.ppo.max_padding if on else 1.0           # off: micro-batches by token budget only
     cfg.checkpoint_layers = cfg.checkpoint_layers and on                # a memory switch the preset turns on
     temperature = cfg.rollout.temperature           # π is softmax(logits / T), the distribution that was sampled
+    if on:
+        map_large_allocations(cfg.mmap_threshold_mb)   # as train.py does (process-wide: one process per setting)
     torch.manual_seed(seed)
     model, tok = load_pretrained(path)
     model.checkpoint_layers = cfg.checkpoint_layers
@@ -451,14 +454,13 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
             "steps": sum(len(ep.steps) for ep in eps), "prefix_len": batch["prefix_len"], **extra}
 
 
-def real_iteration_child(path, size):
-    """In a fresh process: the iteration with everything on (its peak RSS read right after it), then all off."""
+def real_iteration_child(path, size, which):
+    """In a fresh process (glibc's malloc settings are per process): the iteration with everything on, or all off,
+    and the process's peak RSS, which includes loading the model."""
     s = REAL_SIZES[size]
-    on = real_iteration(path, s["episodes"], True, s["flags"])
-    on["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # includes loading the model
-    off = real_iteration(path, s["episodes"], False, s["flags"])
-    off["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # the process peak so far
-    print(json.dumps({"on": on, "off": off}))
+    r = real_iteration(path, s["episodes"], which == "on", s["flags"])
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(r))
 
 
 def bench_real(path, size, json_file="") -> dict:
@@ -469,9 +471,11 @@ def bench_real(path, size, json_file="") -> dict:
     r = {"size": size, "threads": torch.get_num_threads(), "model": path}
     # The iteration child first, while this process holds no model: run after the parts below, the two processes
     # together (transformers + peft + ours here, ~12 GB) were OOM-killed on a 24 GB machine.
-    child = subprocess.run([sys.executable, __file__, "--model", path, "--iteration-child"] + ["--quick"] * (size == "quick"),
-                           stdout=subprocess.PIPE, text=True, check=True)
-    it = json.loads(child.stdout.strip().splitlines()[-1])
+    it = {}
+    for which in ("on", "off"):
+        child = subprocess.run([sys.executable, __file__, "--model", path, "--iteration-child", which]
+                               + ["--quick"] * (size == "quick"), stdout=subprocess.PIPE, text=True, check=True)
+        it[which] = json.loads(child.stdout.strip().splitlines()[-1])
     for part in (lambda: bench_real_forward(path, tok, s["repeat"], *s["forward"]),
                  lambda: bench_real_ppo_step(path, tok, cfg, s["repeat"], s["ppo_episodes"]),
                  lambda: bench_real_generate(path, tok, cfg, s["repeat"], *s["generate"]),
@@ -509,12 +513,12 @@ def main():
     parser.add_argument("--model", default="", help="PATH of an imported checkpoint, or smollm2: the real-model keys")
     parser.add_argument("--cache-dir", default="runs/cache", help="where --model smollm2 is fetched and imported")
     parser.add_argument("--ppo-child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--iteration-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--iteration-child", choices=["on", "off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ppo_child:
         return ppo_child(args.quick)
     if args.iteration_child:
-        return real_iteration_child(args.model, "quick" if args.quick else "full")
+        return real_iteration_child(args.model, "quick" if args.quick else "full", args.iteration_child)
     if args.model:
         from gguf_import import resolve_model
         size = "quick" if args.quick else "full"

@@ -168,7 +168,7 @@ def load_optimizer(path: str, optimizer, state: dict, policy=None):
 # sizes the final evaluation: a finished run resumed with another one is re-evaluated (experiment.py --n-test); a run
 # directory may be moved or copied (--out).
 RESUMABLE_CHANGES = {"resume", "out", "iters", "eval_every", "keep_checkpoints", "max_bad_iters", "checkpoint_layers",
-                     "n_test"}
+                     "n_test", "mmap_threshold_mb"}
 
 
 def check_resume(cfg):

@@ -50,6 +50,10 @@ class Config:
     checkpoint_layers: bool = False
     """Activation checkpointing in SFT and PPO: keep only each layer's input and recompute the layer in the backward
     pass (exact; about one more forward of compute for a fraction of the activation memory)."""
+    mmap_threshold_mb: int = 16
+    """glibc: allocations of at least this many MB get pages of their own, returned to the OS when the tensor is freed
+    (0: glibc's adaptive threshold, which rises to 32 MB after the first large free and then keeps freed tensors in
+    a heap that fragments). One SmolLM2 update: peak 3,426 -> 2,873 MB, same time (493 vs 498 s)."""
     resume: bool = False
     """Continue from the newest checkpoint in --out."""
     eval_only: bool = False

@@ -84,6 +84,17 @@ def release_freed_memory():
         pass
 
 
+def map_large_allocations(threshold_mb: int) -> bool:
+    """glibc's M_MMAP_THRESHOLD (--mmap-threshold-mb): every allocation of at least threshold_mb gets pages of its own,
+    unmapped when freed, so the activations of one micro-batch never stay resident in a fragmented heap. glibc's
+    default adapts: after the first large tensor is freed the threshold rises (up to 32 MB) and later tensors come
+    from the heap. -> whether it was set (False without glibc, or for 0)."""
+    try:
+        return threshold_mb > 0 and ctypes.CDLL("libc.so.6").mallopt(-3, threshold_mb << 20) == 1  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The parts of main(), in the order it calls them
 
@@ -251,6 +262,7 @@ def save(cfg: Config, policy, tokenizer, optimizer, history, d, iteration=None):
 def main(cfg: Config) -> dict:
     # --- processes: one, or N under torchrun (distributed.py: who does what); only rank 0 prints and writes files
     d, device = distributed.init(cfg.device, cfg.fsdp)
+    map_large_allocations(cfg.mmap_threshold_mb)
     say = print if d.main else (lambda *args, **kwargs: None)
     if cfg.fsdp and d.world == 1:
         say("note: --fsdp shards over torchrun processes; with one process the model is not sharded")

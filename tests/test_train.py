@@ -261,6 +261,31 @@ def test_releasing_freed_memory_returns_heap_holes_to_the_os():
     assert before - after > 200                         # of the 300 MB freed
 
 
+MMAP_CHECK = """
+import ctypes, sys, torch, train
+if sys.argv[1] == "0":                                  # glibc's thresholds where a long run's adaptive ones end up
+    ctypes.CDLL("libc.so.6").mallopt(-3, 32 * 2**20), ctypes.CDLL("libc.so.6").mallopt(-1, 2**30)
+else:
+    assert train.map_large_allocations(int(sys.argv[1]))
+before, big, small = train.resident_mb(), [], []
+for _ in range(80):                                     # 12 MB tensors, each followed by a small live one
+    big.append(torch.ones(3 * 2**20)), small.append(torch.ones(1000))
+del big
+print(train.resident_mb() - before)                     # what the freed tensors left resident
+"""
+
+
+@pytest.mark.parametrize("threshold_mb", [0, 4])
+def test_with_an_mmap_threshold_freed_large_tensors_leave_nothing_resident(threshold_mb):
+    """--mmap-threshold-mb (train.map_large_allocations, glibc), in a fresh process: 80 freed 12 MB tensors with
+    small live ones between them stay resident with glibc's thresholds as a long run leaves them (32 MB mmap, no trim
+    below 1 GB; "0"), and go back to the OS with a 4 MB threshold."""
+    out = subprocess.run([sys.executable, "-c", MMAP_CHECK, str(threshold_mb)], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    held = float(out.stdout)
+    assert held > 900 if threshold_mb == 0 else held < 50     # of the 960 MB freed
+
+
 PEAK_CHECK = """
 import torch, bench
 bench.peak_rss_mb(reset=True)
