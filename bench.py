@@ -456,10 +456,11 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
 
 def real_iteration_child(path, size, which):
     """In a fresh process (glibc's malloc settings are per process): the iteration with everything on, or all off,
-    and the process's peak RSS, which includes loading the model."""
+    and the process's peak RSS, loading the model included."""
     s = REAL_SIZES[size]
     r = real_iteration(path, s["episodes"], which == "on", s["flags"])
-    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # the process's peak: the largest phase peak (resetting VmHWM per phase resets ru_maxrss as well)
+    r["peak_rss_mb"] = max(r["phase_peak_rss_mb"].values())
     print(json.dumps(r))
 
 
