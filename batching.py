@@ -95,10 +95,12 @@ def pack_microbatches(lengths, token_budget, max_padding=1.0):
     return groups
 
 
-def padding_fraction(lengths, microbatches):
-    """Share of the micro-batches' (rows × longest row) slots that are padding."""
+def padding_fraction(lengths, microbatches, widths=None):
+    """Share of the micro-batches' (rows × width) slots that are padding; a micro-batch's width is the length it was
+    cut to (default: its longest row)."""
+    widths = widths or [max(lengths[i] for i in mb) for mb in microbatches]
     real = sum(lengths[i] for mb in microbatches for i in mb)
-    padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in microbatches)
+    padded = sum(len(mb) * width for mb, width in zip(microbatches, widths))
     return 1.0 - real / max(padded, 1)
 
 

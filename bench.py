@@ -390,6 +390,7 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     cfg = smollm2_config(episodes, flags)
     cfg.rollout.shared_prefix = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
     cfg.ppo.max_padding = cfg.ppo.max_padding if on else 1.0           # off: micro-batches by token budget only
+    cfg.ppo.length_multiple = cfg.ppo.length_multiple if on else 1      # off: cut to the longest row
     cfg.checkpoint_layers = cfg.checkpoint_layers and on                # a memory switch the preset turns on
     temperature = cfg.rollout.temperature           # π is softmax(logits / T), the distribution that was sampled
     if on:

@@ -150,7 +150,7 @@ PRESETS = {
     "smollm2": dict(out="runs/smollm2", model="smollm2", suite="large", dtype="bfloat16", n_val=15, n_test=180,
                     sft_tasks=512, sft_epochs=1, sft_batch=8, sft_lr=1e-3, sft_schedule="constant", lora_alpha=32,
                     max_total_tokens=1536, iters=4, episodes_per_iter=32, lr=5e-5, kl_coef=0.05, eval_every=4,
-                    token_budget=2048, checkpoint_layers=True),
+                    token_budget=2048, checkpoint_layers=True, length_multiple=64),
     # CI: a tiny model, 2 iterations of 8 episodes, < 1 min.
     "smoke": dict(out="runs/smoke", n_val=12, n_test=18, train_tasks=400, vocab_size=512, hidden_size=64,
                   num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2,

@@ -402,6 +402,27 @@ def test_the_padding_limit_changes_the_micro_batches_not_the_update():
     torch.testing.assert_close(results[0], results[1])
 
 
+def test_lengths_rounded_to_a_multiple_pad_the_micro_batches_and_leave_the_update_unchanged():
+    eps = [[("prompt", [1, 2, 3]), ("act", [5, 9] * (1 + i % 3)), ("obs", [10, 11] * (i % 2)), ("act", [4])]
+           for i in range(6)]
+    b = make_batch(eps, [[1.0, 0.0] if i % 2 == 0 else [0.0, 0.0] for i in range(6)])
+    width = b["input_ids"].shape[1]
+    results, padding = [], []
+    for multiple in (1, 4):
+        policy, cut_to = MockPolicy(seed=7), set()
+
+        def recording(ids, att, prefix_len=0, logits_at=None):
+            cut_to.add(ids.shape[1])
+            return policy(ids, att, prefix_len, logits_at)
+        cfg = PPOConfig(ppo_epochs=2, minibatches=2, token_budget=40, length_multiple=multiple, max_grad_norm=1e9)
+        padding.append(ppo.ppo_update(recording, torch.optim.SGD(policy.parameters(), lr=0.1), b, cfg)["padding_fraction"])
+        results.append(torch.cat([p.flatten() for p in policy.parameters()]))
+        if multiple > 1:
+            assert all(n % multiple == 0 or n == width for n in cut_to)
+    assert padding[1] > padding[0]                       # the rounding is counted as padding
+    torch.testing.assert_close(results[0], results[1])
+
+
 def test_a_non_finite_loss_skips_the_step_and_leaves_the_parameters_unchanged():
     policy, b = MockPolicy(), bandit_batch(4)
     policy.poison = True
