@@ -153,21 +153,22 @@ def policy_forward(policy, batch, idx, L, cfg, temperature, with_entropy=False):
 @torch.no_grad()
 def old_policy_pass(policy, batch, microbatches, cfg, temperature, reference_logprobs_fn, autocast):
     """Pass (1) of an update: log π_old, V_old (B, T) and log π_ref (B, T) (None without a reference), one
-    micro-batch (idx, L) at a time."""
-    shape, dev = batch["input_ids"].shape, batch["input_ids"].device
-    old_lp, values = torch.zeros(shape, device=dev), torch.zeros(shape, device=dev)
+    micro-batch (idx, L) at a time. With use_sampling_logprobs, log π_old is the rollout's and the policy runs for
+    V_old only (no LM head)."""
+    shape, dev, P = batch["input_ids"].shape, batch["input_ids"].device, batch.get("prefix_len", 0)
+    sampled = cfg.use_sampling_logprobs
+    old_lp = batch["old_logprobs"].float() if sampled else torch.zeros(shape, device=dev)
+    values = torch.zeros(shape, device=dev)
     ref_lp = torch.zeros(shape, device=dev) if reference_logprobs_fn else None
     for idx, L in microbatches:
+        ids, att, am = (batch[k][idx, :L] for k in ("input_ids", "attention_mask", "action_mask"))  # (b, L)
         with autocast:
-            if cfg.use_sampling_logprobs:  # log π_old is the rollout's: V_old only, no LM head
-                ids, att = batch["input_ids"][idx, :L], batch["attention_mask"][idx, :L]
-                values[idx, :L] = policy(ids, att, prefix_len=batch.get("prefix_len", 0),
-                                         logits_at=torch.zeros_like(att, dtype=torch.bool))[1].float()
+            if sampled:
+                values[idx, :L] = policy(ids, att, prefix_len=P, logits_at=torch.zeros_like(am))[1].float()
             else:
                 old_lp[idx, :L], values[idx, :L] = policy_forward(policy, batch, idx, L, cfg, temperature)
             if ref_lp is not None:
-                ids, att, am = (batch[k][idx, :L] for k in ("input_ids", "attention_mask", "action_mask"))
-                ref_lp[idx, :L] = reference_logprobs_fn(ids, att, prefix_len=batch.get("prefix_len", 0),
+                ref_lp[idx, :L] = reference_logprobs_fn(ids, att, prefix_len=P,
                                                         targets=am if cfg.action_logits_only else None)
     return old_lp, values, ref_lp
 
@@ -215,13 +216,13 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
 
     def cut(rows):  # -> the rows as an index (b,) and their longest length L (rounded): tensors are cut to [idx, :L]
         m, L = cfg.length_multiple, max(lengths[i] for i in rows)
-        return torch.tensor(rows, device=dev), min(P + -(-(L - P) // m) * m, batch["input_ids"].shape[1])
+        rounded = P + -(-(L - P) // m) * m  # P + ⌈(L − P) / m⌉·m, at most the batch's width
+        return torch.tensor(rows, device=dev), min(rounded, batch["input_ids"].shape[1])
 
     # (1) log π_old, V_old and log π_ref (B, T), without gradients
     whole_batch = [cut(rows) for rows, _, _ in microbatches(list(range(len(lengths))))]
     old_lp, values, ref_lp = old_policy_pass(policy, batch, whole_batch, cfg, temperature, reference_logprobs_fn,
                                              autocast)
-    old_lp = batch["old_logprobs"].float() if cfg.use_sampling_logprobs else old_lp
 
     # (2) advantages Â and returns G (B, T); V_old as state values; vmask: where the value loss applies
     adv, ret, adv_stats = compute_advantages(batch, values, old_lp, ref_lp, cfg, dp.all_sum)
