@@ -317,8 +317,9 @@ def bench_real_generate(path, tok, cfg, repeat, B=32, N=64):
     def ours_generate():
         policy = ModelPolicy(ours, tok, one_step, torch.Generator().manual_seed(0))
         policy.stop_ids = []                         # NOTE: no stop token, so every row samples N tokens, like HF's
-        policy.start(prompts)
-        tokens, _ = policy.act(None, [N] * B)
+        with policy.running():
+            policy.start(prompts)
+            tokens, _ = policy.act(None, [N] * B)
         assert all(len(t) == N for t in tokens)
     W = max(map(len, prompts))
     ids = torch.tensor([[tok.pad_id] * (W - len(p)) + p for p in prompts])              # (B, W), left padding
@@ -388,7 +389,7 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     from tools import make_suite
     from train import map_large_allocations, release_freed_memory
     cfg = smollm2_config(episodes, flags)
-    cfg.rollout.shared_prefix = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
+    cfg.rollout.shared_prefix = cfg.rollout.packed_weights = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
     cfg.ppo.max_padding = cfg.ppo.max_padding if on else 1.0           # off: micro-batches by token budget only
     cfg.ppo.length_multiple = cfg.ppo.length_multiple if on else 1      # off: cut to the longest row
     cfg.checkpoint_layers = cfg.checkpoint_layers and on                # a memory switch the preset turns on

@@ -29,12 +29,13 @@ Choices and deviations (numbered, as the paper leaves them open):
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from batching import shared_prefix_len
-from model import KVCache, decode, extend
+from model import KVCache, decode, extend, packed_weights
 from tools import SOLVED, Action, check_answer, parse_action, relevant_tool_recall
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -149,6 +150,9 @@ class RolloutConfig:
     """Nucleus sampling: the smallest set of tokens with mass >= top_p (1 = all)."""
     shared_prefix: bool = True
     """Compute the prompt prefix all episodes share once per batch (exact; a speed switch)."""
+    packed_weights: bool = True
+    """Decode steps multiply by oneDNN-prepacked copies of the bf16 weights (CPU only; bf16 rounding; a speed switch
+    that holds a second copy of the weights during the rollout)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -162,18 +166,21 @@ class ModelPolicy:
         self.model, self.cfg, self.generator = model, cfg, generator
         self.stop_ids = [tokenizer.token_to_id(TEMPLATES[cfg.template].end_of_turn)]
 
+    def running(self):                               # the scope of one rollout: decode weights packed, then freed
+        return packed_weights(self.model, self.cfg.packed_weights)
+
     def start(self, prompts: list[list[int]]):
         p = next(self.model.parameters())
         # Cache slots in the worst case: every step appends the batch's longest action and longest observation
         # (shorter rows leave masked holes), so the bound is per step, not per row.
         per_step = self.cfg.max_action_tokens + self.cfg.max_obs_tokens + 16
-        slots = max(map(len, prompts)) + self.cfg.max_steps * per_step
-        self.cache = KVCache(self.model.config, len(prompts), slots, p.device, p.dtype)
         P = shared_prefix_len(prompts) if self.cfg.shared_prefix else 0
-        if P:                                        # the system prompt once, copied into every row
+        slots = max(map(len, prompts)) - P + self.cfg.max_steps * per_step
+        self.cache = KVCache(self.model.config, len(prompts), slots, p.device, p.dtype)
+        if P:                                        # the system prompt once, kept once, continued by every row
             prefix = KVCache(self.model.config, 1, P, p.device, p.dtype)
             extend(self.model, prefix, [prompts[0][:P]])
-            self.cache.fill_from(prefix)
+            self.cache.share_prefix(prefix)
         self.last_logits = extend(self.model, self.cache, [q[P:] for q in prompts])      # (B, V)
 
     def act(self, episodes, budgets):
@@ -194,6 +201,9 @@ class ScriptedPolicy:
     def __init__(self, script, tokenizer, cfg: RolloutConfig):
         self.script, self.tokenizer = script, tokenizer
         self.eot = [tokenizer.token_to_id(TEMPLATES[cfg.template].end_of_turn)]
+
+    def running(self):
+        return nullcontext()
 
     def start(self, prompts):
         pass
@@ -230,37 +240,39 @@ def rollout(policy, tasks, env, tokenizer, cfg: RolloutConfig) -> list[Episode]:
         prompt = template.prompt.format(system=system_prompt(env, ep.task, cfg.schema_format), user=ep.task.query)
         ep.append(tokenizer.encode(prompt), False, -1)
     live = list(range(len(episodes)))                           # episode index of each policy row
-    policy.start([episodes[i].token_ids for i in live])
-    for step in range(cfg.max_steps):
-        budgets = [max(1, min(cfg.max_action_tokens, cfg.max_total_tokens - len(episodes[i].token_ids))) for i in live]
-        tokens, logprobs = policy.act([episodes[i] for i in live], budgets)
-        keep, chunks = [], []
-        for row, i in enumerate(live):
-            ep, ids = episodes[i], tokens[row]
-            ep.append(ids, True, step, logprobs[row])
-            stopped = len(ids) > 0 and ids[-1] == eot_id
-            text = tokenizer.decode(ids[:-1] if stopped else ids)
-            ep.steps.append(step_record := execute(parse_action(text, truncated=not stopped), text, env))
-            if step_record.tool == "Finish" and step_record.success:
-                ep.final_answer = step_record.args.get("final_answer", "")
-                ep.stop_reason = "finish" if step_record.args["return_type"] == "give_answer" else "give_up"
-                continue
-            obs_ids = observation_ids(tokenizer, template, step_record.observation, cfg.max_obs_tokens)
-            if len(ep.token_ids) + len(obs_ids) + 8 > cfg.max_total_tokens:
-                ep.stop_reason = "token_budget"
-                continue
-            if step == cfg.max_steps - 1:
-                ep.stop_reason = "max_steps"
-                continue
-            ep.append(obs_ids, False, step)
-            keep.append(row)
-            chunks.append(obs_ids)
-        if not keep:
-            break
-        if len(keep) < len(live):                                  # finished episodes leave the batch
-            policy.keep(keep)
-        live = [live[r] for r in keep]
-        policy.observe(chunks)
+    with policy.running():
+        policy.start([episodes[i].token_ids for i in live])
+        for step in range(cfg.max_steps):
+            budgets = [max(1, min(cfg.max_action_tokens, cfg.max_total_tokens - len(episodes[i].token_ids)))
+                       for i in live]
+            tokens, logprobs = policy.act([episodes[i] for i in live], budgets)
+            keep, chunks = [], []
+            for row, i in enumerate(live):
+                ep, ids = episodes[i], tokens[row]
+                ep.append(ids, True, step, logprobs[row])
+                stopped = len(ids) > 0 and ids[-1] == eot_id
+                text = tokenizer.decode(ids[:-1] if stopped else ids)
+                ep.steps.append(step_record := execute(parse_action(text, truncated=not stopped), text, env))
+                if step_record.tool == "Finish" and step_record.success:
+                    ep.final_answer = step_record.args.get("final_answer", "")
+                    ep.stop_reason = "finish" if step_record.args["return_type"] == "give_answer" else "give_up"
+                    continue
+                obs_ids = observation_ids(tokenizer, template, step_record.observation, cfg.max_obs_tokens)
+                if len(ep.token_ids) + len(obs_ids) + 8 > cfg.max_total_tokens:
+                    ep.stop_reason = "token_budget"
+                    continue
+                if step == cfg.max_steps - 1:
+                    ep.stop_reason = "max_steps"
+                    continue
+                ep.append(obs_ids, False, step)
+                keep.append(row)
+                chunks.append(obs_ids)
+            if not keep:
+                break
+            if len(keep) < len(live):                                  # finished episodes leave the batch
+                policy.keep(keep)
+            live = [live[r] for r in keep]
+            policy.observe(chunks)
     return episodes
 
 

@@ -1,8 +1,9 @@
 """The speed paths are exact: each optimisation against the straightforward computation it replaces.
 
-- a prompt prefix shared by every row, computed once (rollouts: KVCache.fill_from; training: forward_with_prefix);
+- a prompt prefix shared by every row, computed once (rollouts: KVCache.share_prefix; training: forward_with_prefix);
 - the LM head only at positions that predict an action token (token_logprobs(targets=...));
-- frozen base weights stored in bfloat16 under LoRA (store_frozen_weights_in).
+- frozen base weights stored in bfloat16 under LoRA (store_frozen_weights_in);
+- decode matmuls on oneDNN-prepacked bf16 weights during a rollout (packed_weights).
 """
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 import model as M
 from batching import collate, predictors, shared_prefix_len, token_logprobs
 from ppo import PPOConfig, ppo_update
-from rollout import ModelPolicy, RolloutConfig, rollout
+from rollout import TEMPLATES, ModelPolicy, RolloutConfig, rollout, system_prompt
 from sft import corpus, train_tokenizer
 from tools import make_suite
 
@@ -162,3 +163,82 @@ def test_frozen_weights_in_bfloat16_keep_adapters_float32_and_outputs_close_to_f
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         after = model(ids, attention_mask=att).float()
     assert ((after - before).norm() / before.norm()).item() < 2e-2   # autocast rounds the same weights to bf16
+
+
+PACKING = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def test_packed_weights_serve_decode_sized_no_grad_matmuls_and_are_dropped_on_exit():
+    layer = M.Linear(64, 48, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        few, many = torch.randn(32, 64).bfloat16(), torch.randn(M.PACKED_MAX_ROWS + 1, 64).bfloat16()
+        plain = layer(few)
+        with M.packed_weights(layer):
+            assert (layer.packed is not None) == PACKING     # a no-op where oneDNN has no bf16
+            packed = layer(few)
+            layer.weight.zero_()                             # the packed copy is what few-row matmuls read...
+            stale = layer(few)
+            assert torch.equal(layer(many), layer.bias.expand(len(many), -1))    # ...not big ones (F.linear)
+        assert layer.packed is None
+        assert torch.equal(layer(few), layer.bias.expand(32, -1))          # outside: the live weight again
+    torch.testing.assert_close(packed.float(), plain.float(), rtol=1e-2, atol=1e-2)   # bf16 rounding at most
+    assert torch.equal(stale, packed) == PACKING
+    with torch.enable_grad():                                # training never reads a packed copy
+        with M.packed_weights(layer):
+            assert torch.equal(layer(few), layer.bias.expand(32, -1))
+
+
+def test_rollouts_with_packed_weights_sample_the_same_tokens_with_close_logprobs():
+    suite = make_suite("large")
+    env, tasks = suite.environment(), suite.tasks("val", 5)
+    tokenizer = train_tokenizer(corpus(env, suite.tasks("sft", 100), "chatml"), 600, "chatml")
+    model = M.store_frozen_weights_in(tiny_lora_model(vocab=tokenizer.vocab_size).eval(), torch.bfloat16)
+    runs = []
+    for packed in (False, True):
+        cfg = RolloutConfig(temperature=1.0, max_steps=2, max_action_tokens=12, packed_weights=packed)
+        runs.append(rollout(ModelPolicy(model, tokenizer, cfg, torch.Generator().manual_seed(0)), tasks, env,
+                            tokenizer, cfg))
+    assert all(m.packed is None for m in model.modules() if isinstance(m, (M.Linear, M.LoRALinear)))
+    for a, b in zip(*runs):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 2e-2
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_attention_over_a_shared_prefix_equals_softmax_over_the_concatenated_keys(T):
+    torch.manual_seed(0)
+    B, H, K, D, P, S = 3, 6, 2, 8, 7, 9
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, K, S, D), torch.randn(B, K, S, D)
+    pk, pv = torch.randn(1, K, P, D), torch.randn(1, K, P, D)
+    mask = torch.rand(B, 1, T, S) < 0.6
+    mask[..., -1] = True                                     # every query sees at least one own key (deviation 3)
+    # reference: one softmax over [prefix ; own] keys, each kv head repeated for its H/K query heads
+    keys = torch.cat((pk.expand(B, -1, -1, -1), k), 2).repeat_interleave(H // K, 1)     # (B, H, P + S, D)
+    vals = torch.cat((pv.expand(B, -1, -1, -1), v), 2).repeat_interleave(H // K, 1)
+    scores = q @ keys.transpose(-1, -2) / D ** 0.5
+    scores = scores.masked_fill(~torch.cat((torch.ones(B, 1, T, P, dtype=torch.bool), mask), -1), -torch.inf)
+    expected = scores.softmax(-1) @ vals
+    with torch.no_grad():                                    # decode: two flash passes joined by log-sum-exp
+        split = M.attend_with_prefix(q, k, v, mask, pk, pv)
+        long = M.attend_with_prefix(q.repeat(1, 1, 7, 1), k, v, mask.repeat(1, 1, 7, 1), pk, pv)   # > 32 queries
+    torch.testing.assert_close(long, expected.repeat(1, 1, 7, 1), rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():                                # training: one SDPA over the broadcast prefix
+        joined = M.attend_with_prefix(q, k, v, mask, pk, pv)
+    torch.testing.assert_close(split, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(joined, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_rollout_cache_keeps_the_shared_prompt_once_and_only_its_own_tokens_per_row():
+    suite = make_suite("large")
+    env, tasks = suite.environment(), suite.tasks("val", 4)
+    tokenizer = train_tokenizer(corpus(env, suite.tasks("sft", 100), "chatml"), 600, "chatml")
+    model = tiny_lora_model(vocab=tokenizer.vocab_size).eval()
+    policy = ModelPolicy(model, tokenizer, RolloutConfig(), torch.Generator().manual_seed(0))
+    prompts = [tokenizer.encode(TEMPLATES["chatml"].prompt.format(system=system_prompt(env, t), user=t.query))
+               for t in tasks]
+    P = shared_prefix_len(prompts)
+    with torch.no_grad():
+        policy.start(prompts)
+    assert P > 100 and policy.cache.prefix.length == P and policy.cache.prefix.batch_size == 1
+    assert policy.cache.length == max(map(len, prompts)) - P                   # the rows hold their own tokens only
+    assert policy.cache.next_pos.tolist() == [len(p) for p in prompts]        # RoPE positions continue after it
