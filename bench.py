@@ -374,8 +374,9 @@ def peak_rss_mb(reset: bool = False) -> float | None:
 def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> dict:
     """One StepTool iteration of the smollm2 preset (rollout at its temperature, step rewards, collate, ppo_update
     against the LoRA-disabled reference) with every speed feature on, or all off: shared prefix (rollout and
-    collate), action-only logits, frozen base in bf16 (off: float32, cast by autocast in training; rollouts run
-    without autocast, as in train.py, so in float32), use_sampling_logprobs, micro-batches padded ≤ max_padding;
+    collate; in the update once per optimizer step), decode on prepacked weights, action-only logits, frozen base in
+    bf16 (off: float32, cast by autocast in training; rollouts run without autocast, as in train.py, so in float32),
+    use_sampling_logprobs, micro-batches padded ≤ max_padding;
     on also has the preset's activation checkpointing (memory for ~12% more update time) and glibc's mmap threshold
     (--mmap-threshold-mb; off: glibc's default). Phase times from timestamps: the
     rollout (+ rewards, collate); ppo_update's pass (1) until its first grad-enabled policy call, split into the
@@ -390,6 +391,7 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     from train import map_large_allocations, release_freed_memory
     cfg = smollm2_config(episodes, flags)
     cfg.rollout.shared_prefix = cfg.rollout.packed_weights = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
+    cfg.ppo.prefix_per_step = on
     cfg.ppo.max_padding = cfg.ppo.max_padding if on else 1.0           # off: micro-batches by token budget only
     cfg.ppo.length_multiple = cfg.ppo.length_multiple if on else 1      # off: cut to the longest row
     cfg.checkpoint_layers = cfg.checkpoint_layers and on                # a memory switch the preset turns on
@@ -428,11 +430,19 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     peak_rss_mb(reset=True)                         # nor is its memory part of the iteration
     marks = {"reference": 0.0, "first_grad": None}
 
-    def timed_policy(*args, **kwargs):
+    def mark_first_grad():
         if torch.is_grad_enabled() and marks["first_grad"] is None:
             marks["first_grad"] = time.perf_counter()
             peaks["old_logprobs_and_reference"] = peak_rss_mb(reset=True)
+
+    def timed_policy(*args, **kwargs):
+        mark_first_grad()
         return policy(*args, **kwargs)
+
+    def share_prefix(prefix_ids):                   # the update's first step starts with its prefix
+        mark_first_grad()
+        return policy.share_prefix(prefix_ids)
+    timed_policy.share_prefix = share_prefix
 
     def reference(input_ids, attention_mask, prefix_len=0, targets=None):   # train.py's: the policy, adapters off
         t = time.perf_counter()

@@ -374,30 +374,66 @@ class PolicyWithValue(nn.Module):
     def __init__(self, model: Transformer, value_head: ValueHead, detach_critic: bool = False):
         super().__init__()
         self.model, self.value_head, self.detach_critic = model, value_head, detach_critic
+        self.prefix = None                           # a SharedPrefix the forwards continue, while one is entered
 
     def forward(self, input_ids, attention_mask=None, prefix_len=0, logits_at=None):
         """-> logits (B, T, V), or (N, V) at the positions logits_at (B, T) selects; values (B, T) float32.
         prefix_len: see forward_with_prefix."""
-        logits, hidden = forward_with_prefix(self.model, input_ids, attention_mask, prefix_len, logits_at)
+        logits, hidden = forward_with_prefix(self.model, input_ids, attention_mask, prefix_len, logits_at,
+                                             self.prefix and self.prefix.cache)
         if self.value_head is None:                  # a critic-free advantage (ppo --advantage step-group)
             return logits, hidden.new_zeros(hidden.shape[:2], dtype=torch.float32)
         # detach_critic: the value loss trains the head only, never the shared trunk (the policy's features).
         return logits, self.value_head(hidden.detach() if self.detach_critic else hidden)
 
+    def share_prefix(self, prefix_ids):
+        """-> a SharedPrefix of prefix_ids (1, P): inside `with`, every forward with prefix_len P continues it."""
+        return SharedPrefix(self, prefix_ids)
 
-def forward_with_prefix(model, input_ids, attention_mask=None, prefix_len=0, logits_at=None):
+
+class SharedPrefix:
+    """A prompt prefix run once for a group of forwards (the micro-batches of one optimizer step) instead of once per
+    forward. Exact with gradients: each forward reads detached copies of the prefix's keys and values (leaves) and
+    its backward adds its part of their gradient there; on leaving `with` without an error, one backward carries the
+    sum through the prefix's own graph into the adapters. One process only: under DDP the ranks would exchange
+    gradients before that last backward."""
+    def __init__(self, policy: PolicyWithValue, prefix_ids):
+        model, P = policy.model, prefix_ids.shape[1]
+        self.policy, self.cache = policy, KVCache(model.config, 1, P, prefix_ids.device, model.model.embed_tokens.weight.dtype)
+        model(prefix_ids, cache=self.cache, logits_to_keep=slice(0, 0))          # (1, P) into the cache
+        self.graph = self.cache.k + self.cache.v                                # L + L tensors (1, K, P, D)
+        if torch.is_grad_enabled():
+            leaves = [t.detach().requires_grad_() for t in self.graph]
+            self.cache.k, self.cache.v = leaves[:len(self.cache.k)], leaves[len(self.cache.k):]
+
+    def __enter__(self):
+        self.policy.prefix = self
+        return self
+
+    def __exit__(self, error, *_):
+        self.policy.prefix = None
+        pairs = [(t, leaf.grad) for t, leaf in zip(self.graph, self.cache.k + self.cache.v) if leaf.grad is not None]
+        if pairs and error is None:                  # Σ over the forwards of ∂loss/∂(prefix k, v), back through it
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def forward_with_prefix(model, input_ids, attention_mask=None, prefix_len=0, logits_at=None, prefix=None):
     """The training forward -> (logits, final hidden (B, T, C)). Two savings, both exact:
     - prefix_len P > 0: the first P tokens are the same in every row (the system prompt); they run once, as a one-row
       prefix every row continues from (with gradient: adapters that shape the prefix get exactly the summed gradient
       of every row). Hidden states over the prefix come back as zeros (never read: no action token lies in it).
       One row has nothing to share: it runs the plain forward (on SmolLM2, 1 row of 392 + 1,000 tokens, forward and
       backward: 7.9 s plain vs 9.4 s through the prefix, whose attention needs an explicit mask).
-    - logits_at (B, T) bool: the LM head (V × C, a fifth of SmolLM2's FLOPs) runs only there -> logits (N, V)."""
-    if not prefix_len or input_ids.shape[0] == 1:    # one row has nothing to share: the plain (faster) forward
+    - logits_at (B, T) bool: the LM head (V × C, a fifth of SmolLM2's FLOPs) runs only there -> logits (N, V).
+    `prefix`: that one-row prefix already computed (a SharedPrefix's cache), for one row too."""
+    if not prefix_len or (input_ids.shape[0] == 1 and prefix is None):   # nothing to share: the plain forward
         return model(input_ids, attention_mask, return_hidden=True, logits_to_keep=logits_at)
     P, weight = prefix_len, model.model.embed_tokens.weight
-    prefix = KVCache(model.config, 1, P, input_ids.device, weight.dtype)
-    model(input_ids[:1, :P], cache=prefix, logits_to_keep=slice(0, 0))               # (1, P) into the cache
+    if prefix is None:
+        prefix = KVCache(model.config, 1, P, input_ids.device, weight.dtype)
+        model(input_ids[:1, :P], cache=prefix, logits_to_keep=slice(0, 0))           # (1, P) into the cache
+    elif prefix.length != P:
+        raise ValueError(f"forward_with_prefix: a shared prefix of {prefix.length} tokens for prefix_len {P}")
     rest = None if attention_mask is None else attention_mask[:, P:]
     logits, hidden = model(input_ids[:, P:], rest, prefix=prefix, return_hidden=True,
                            logits_to_keep=None if logits_at is None else logits_at[:, P:])

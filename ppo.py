@@ -67,6 +67,9 @@ class PPOConfig:
     and keeps a kernel per matmul shape, ~30 MB per new length on SmolLM2: repeated lengths reuse them"""
     action_logits_only: bool = True
     """run the LM head only at positions that predict an action token (exact; a speed switch)"""
+    prefix_per_step: bool = True
+    """one process: run the shared prompt once per optimizer step and once for pass (1), not once per micro-batch
+    (exact; a speed switch; needs policy.share_prefix, as model.PolicyWithValue has)"""
     max_grad_norm: float = 1.0
     """global gradient-norm clip"""
     advantage: str = "step"
@@ -151,7 +154,7 @@ def policy_forward(policy, batch, idx, L, cfg, temperature, with_entropy=False):
 
 
 @torch.no_grad()
-def old_policy_pass(policy, batch, microbatches, cfg, temperature, reference_logprobs_fn, autocast):
+def old_policy_pass(policy, batch, microbatches, cfg, temperature, reference_logprobs_fn, autocast, shared_prefix):
     """Pass (1) of an update: log π_old, V_old (B, T) and log π_ref (B, T) (None without a reference), one
     micro-batch (idx, L) at a time. With use_sampling_logprobs, log π_old is the rollout's and the policy runs for
     V_old only (no LM head)."""
@@ -160,16 +163,17 @@ def old_policy_pass(policy, batch, microbatches, cfg, temperature, reference_log
     old_lp = batch["old_logprobs"].float() if sampled else torch.zeros(shape, device=dev)
     values = torch.zeros(shape, device=dev)
     ref_lp = torch.zeros(shape, device=dev) if reference_logprobs_fn else None
-    for idx, L in microbatches:
-        ids, att, am = (batch[k][idx, :L] for k in ("input_ids", "attention_mask", "action_mask"))  # (b, L)
-        with autocast:
-            if sampled:
-                values[idx, :L] = policy(ids, att, prefix_len=P, logits_at=torch.zeros_like(am))[1].float()
-            else:
-                old_lp[idx, :L], values[idx, :L] = policy_forward(policy, batch, idx, L, cfg, temperature)
-            if ref_lp is not None:
-                ref_lp[idx, :L] = reference_logprobs_fn(ids, att, prefix_len=P,
-                                                        targets=am if cfg.action_logits_only else None)
+    with shared_prefix():                            # the prompt once for the whole pass (one process)
+        for idx, L in microbatches:
+            ids, att, am = (batch[k][idx, :L] for k in ("input_ids", "attention_mask", "action_mask"))  # (b, L)
+            with autocast:
+                if sampled:
+                    values[idx, :L] = policy(ids, att, prefix_len=P, logits_at=torch.zeros_like(am))[1].float()
+                else:
+                    old_lp[idx, :L], values[idx, :L] = policy_forward(policy, batch, idx, L, cfg, temperature)
+                if ref_lp is not None:
+                    ref_lp[idx, :L] = reference_logprobs_fn(ids, att, prefix_len=P,
+                                                            targets=am if cfg.action_logits_only else None)
     return old_lp, values, ref_lp
 
 
@@ -214,6 +218,12 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
         groups = pack_microbatches([lengths[i] - P for i in rows], cfg.token_budget, cfg.max_padding)  # prefix once
         return dp.microbatches([[rows[j] for j in g] for g in groups])
 
+    def shared_prefix():  # one process: the prompt every row shares, run once for a group of micro-batches
+        if not (P and cfg.prefix_per_step and dp is ONE_PROCESS and hasattr(policy, "share_prefix")):
+            return nullcontext()  # else once per micro-batch, inside the policy's forward
+        with autocast:
+            return policy.share_prefix(batch["input_ids"][:1, :P])  # on leaving: its gradient, in one backward
+
     def cut(rows):  # -> the rows as an index (b,) and their longest length L (rounded): tensors are cut to [idx, :L]
         m, L = cfg.length_multiple, max(lengths[i] for i in rows)
         rounded = P + -(-(L - P) // m) * m  # P + ⌈(L − P) / m⌉·m, at most the batch's width
@@ -222,7 +232,7 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
     # (1) log π_old, V_old and log π_ref (B, T), without gradients
     whole_batch = [cut(rows) for rows, _, _ in microbatches(list(range(len(lengths))))]
     old_lp, values, ref_lp = old_policy_pass(policy, batch, whole_batch, cfg, temperature, reference_logprobs_fn,
-                                             autocast)
+                                             autocast, shared_prefix)
 
     # (2) advantages Â and returns G (B, T); V_old as state values; vmask: where the value loss applies
     adv, ret, adv_stats = compute_advantages(batch, values, old_lp, ref_lp, cfg, dp.all_sum)
@@ -235,18 +245,19 @@ def ppo_update(policy, optimizer, batch, cfg, reference_logprobs_fn=None, autoca
         for mini in [perm[k::cfg.minibatches] for k in range(min(cfg.minibatches, len(perm)))]:
             n_tok, n_val = dp.all_sum(torch.stack([am[mini].sum(), vmask[mini].sum()])).clamp(min=1)  # contract 4
             sums = {}  # this optimizer step's statistics, summed over its micro-batches
-            for rows, weight, grad_sync in microbatches(mini):
-                idx, L = cut(rows)
-                with grad_sync:
-                    with autocast:
-                        new_lp, ent, v = policy_forward(policy, batch, idx, L, cfg, temperature, with_entropy=True)
-                    loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v), old_v[idx, :L],
-                                        ret[idx, :L], ent, am[idx, :L], cfg, n_tok, vmask[idx, :L], n_val,
-                                        None if ref_lp is None else ref_lp[idx, :L])
-                    scaler.scale(loss * weight).backward()
-                if weight:  # weight 0: an FSDP lock-step repeat, not data
-                    packed.append(rows), widths.append(L - P)
-                    sums = {k: sums.get(k, 0.0) + x for k, x in ({"loss": loss.detach()} | st).items()}
+            with shared_prefix():
+                for rows, weight, grad_sync in microbatches(mini):
+                    idx, L = cut(rows)
+                    with grad_sync:
+                        with autocast:
+                            new_lp, ent, v = policy_forward(policy, batch, idx, L, cfg, temperature, with_entropy=True)
+                        loss, st = ppo_loss(new_lp, old_lp[idx, :L], adv[idx, :L], state_values(v), old_v[idx, :L],
+                                            ret[idx, :L], ent, am[idx, :L], cfg, n_tok, vmask[idx, :L], n_val,
+                                            None if ref_lp is None else ref_lp[idx, :L])
+                        scaler.scale(loss * weight).backward()
+                    if weight:  # weight 0: an FSDP lock-step repeat, not data
+                        packed.append(rows), widths.append(L - P)
+                        sums = {k: sums.get(k, 0.0) + x for k, x in ({"loss": loss.detach()} | st).items()}
             step = dict(zip(sums, dp.all_sum(torch.stack(list(sums.values())))))  # ...and over ranks
             step["grad_norm"], finite = clip_and_step(optimizer, scaler, dp.clip_grad_norm_, cfg.max_grad_norm,
                                                       step["loss"])

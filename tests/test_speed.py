@@ -5,6 +5,8 @@
 - frozen base weights stored in bfloat16 under LoRA (store_frozen_weights_in);
 - decode matmuls on oneDNN-prepacked bf16 weights during a rollout (packed_weights).
 """
+from contextlib import nullcontext
+
 import pytest
 import torch
 
@@ -242,3 +244,32 @@ def test_a_rollout_cache_keeps_the_shared_prompt_once_and_only_its_own_tokens_pe
     assert P > 100 and policy.cache.prefix.length == P and policy.cache.prefix.batch_size == 1
     assert policy.cache.length == max(map(len, prompts)) - P                   # the rows hold their own tokens only
     assert policy.cache.next_pos.tolist() == [len(p) for p in prompts]        # RoPE positions continue after it
+
+
+def test_a_prefix_shared_by_several_forwards_gets_the_summed_gradient_in_one_backward():
+    ids, att, am = batch_with_shared_prefix(P=9)
+    grads = []
+    for shared in (False, True):
+        policy = M.PolicyWithValue(tiny_lora_model(), M.ValueHead(32))
+        adapters = [p for n, p in policy.named_parameters() if "lora" in n]
+        with policy.share_prefix(ids[:1, :9]) if shared else nullcontext():
+            for rows in ([0], [1, 2]):                       # a one-row and a two-row micro-batch, one backward each
+                logits, v = policy(ids[rows], att[rows], prefix_len=9, logits_at=predictors(am[rows]))
+                (token_logprobs(logits, ids[rows], targets=am[rows]).sum() + v[att[rows]].sum()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in adapters]))
+        assert policy.prefix is None                         # left: later forwards compute their own prefix
+    assert grads[0].abs().max() > 1e-3
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_shared_prefix_is_released_on_an_error_and_must_match_prefix_len():
+    ids, _, _ = batch_with_shared_prefix(P=9)
+    policy = M.PolicyWithValue(tiny_lora_model(), M.ValueHead(32))
+    with pytest.raises(RuntimeError, match="boom"):
+        with policy.share_prefix(ids[:1, :9]):
+            policy(ids, prefix_len=9)[0].sum().backward()
+            raise RuntimeError("boom")
+    assert policy.prefix is None
+    with pytest.raises(ValueError, match="shared prefix of 9 tokens for prefix_len 8"):
+        with policy.share_prefix(ids[:1, :9]):
+            policy(ids, prefix_len=8)
