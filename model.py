@@ -399,12 +399,22 @@ class SharedPrefix:
     gradients before that last backward."""
     def __init__(self, policy: PolicyWithValue, prefix_ids):
         model, P = policy.model, prefix_ids.shape[1]
-        self.policy, self.cache = policy, KVCache(model.config, 1, P, prefix_ids.device, model.model.embed_tokens.weight.dtype)
-        model(prefix_ids, cache=self.cache, logits_to_keep=slice(0, 0))          # (1, P) into the cache
-        self.graph = self.cache.k + self.cache.v                                # L + L tensors (1, K, P, D)
+        self.policy = policy
+        self.cache = KVCache(model.config, 1, P, prefix_ids.device, model.model.embed_tokens.weight.dtype)
+
+        def keys_and_values(ids):                   # the prefix's forward -> its L + L tensors (1, K, P, D)
+            cache = KVCache(model.config, 1, P, ids.device, self.cache.k[0].dtype)
+            model(ids, cache=cache, logits_to_keep=slice(0, 0))
+            return cache.k + cache.v
+        if torch.is_grad_enabled() and model.checkpoint_layers:   # keep only its keys and values, recompute in backward
+            self.graph = torch.utils.checkpoint.checkpoint(keys_and_values, prefix_ids, use_reentrant=False)
+        else:
+            self.graph = keys_and_values(prefix_ids)
+        L = len(self.graph) // 2
+        self.cache.k, self.cache.v, self.cache.length = self.graph[:L], self.graph[L:], P
         if torch.is_grad_enabled():
             leaves = [t.detach().requires_grad_() for t in self.graph]
-            self.cache.k, self.cache.v = leaves[:len(self.cache.k)], leaves[len(self.cache.k):]
+            self.cache.k, self.cache.v = leaves[:L], leaves[L:]
 
     def __enter__(self):
         self.policy.prefix = self
@@ -423,9 +433,10 @@ def forward_with_prefix(model, input_ids, attention_mask=None, prefix_len=0, log
       prefix every row continues from (with gradient: adapters that shape the prefix get exactly the summed gradient
       of every row). Hidden states over the prefix come back as zeros (never read: no action token lies in it).
       One row has nothing to share: it runs the plain forward (on SmolLM2, 1 row of 392 + 1,000 tokens, forward and
-      backward: 7.9 s plain vs 9.4 s through the prefix, whose attention needs an explicit mask).
-    - logits_at (B, T) bool: the LM head (V × C, a fifth of SmolLM2's FLOPs) runs only there -> logits (N, V).
-    `prefix`: that one-row prefix already computed (a SharedPrefix's cache), for one row too."""
+      backward: 7.9 s plain vs 9.4 s through the prefix, whose attention needs an explicit mask) -- unless `prefix`
+      is that one-row prefix already computed (a SharedPrefix's cache, one per optimizer step): then every row,
+      one alone too, continues it.
+    - logits_at (B, T) bool: the LM head (V × C, a fifth of SmolLM2's FLOPs) runs only there -> logits (N, V)."""
     if not prefix_len or (input_ids.shape[0] == 1 and prefix is None):   # nothing to share: the plain forward
         return model(input_ids, attention_mask, return_hidden=True, logits_to_keep=logits_at)
     P, weight = prefix_len, model.model.embed_tokens.weight

@@ -246,11 +246,13 @@ def test_a_rollout_cache_keeps_the_shared_prompt_once_and_only_its_own_tokens_pe
     assert policy.cache.next_pos.tolist() == [len(p) for p in prompts]        # RoPE positions continue after it
 
 
-def test_a_prefix_shared_by_several_forwards_gets_the_summed_gradient_in_one_backward():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_prefix_shared_by_several_forwards_gets_the_summed_gradient_in_one_backward(checkpointing):
     ids, att, am = batch_with_shared_prefix(P=9)
     grads = []
     for shared in (False, True):
         policy = M.PolicyWithValue(tiny_lora_model(), M.ValueHead(32))
+        policy.model.checkpoint_layers = checkpointing      # then the prefix too is recomputed in its backward
         adapters = [p for n, p in policy.named_parameters() if "lora" in n]
         with policy.share_prefix(ids[:1, :9]) if shared else nullcontext():
             for rows in ([0], [1, 2]):                       # a one-row and a two-row micro-batch, one backward each
