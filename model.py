@@ -398,20 +398,18 @@ class SharedPrefix:
     sum through the prefix's own graph into the adapters. One process only: under DDP the ranks would exchange
     gradients before that last backward."""
     def __init__(self, policy: PolicyWithValue, prefix_ids):
-        model, P = policy.model, prefix_ids.shape[1]
-        self.policy = policy
-        self.cache = KVCache(model.config, 1, P, prefix_ids.device, model.model.embed_tokens.weight.dtype)
+        model, self.policy = policy.model, policy
 
         def keys_and_values(ids):                   # the prefix's forward -> its L + L tensors (1, K, P, D)
-            cache = KVCache(model.config, 1, P, ids.device, self.cache.k[0].dtype)
-            model(ids, cache=cache, logits_to_keep=slice(0, 0))
+            cache = prefix_cache(model, ids)
             return cache.k + cache.v
         if torch.is_grad_enabled() and model.checkpoint_layers:   # keep only its keys and values, recompute in backward
             self.graph = torch.utils.checkpoint.checkpoint(keys_and_values, prefix_ids, use_reentrant=False)
         else:
             self.graph = keys_and_values(prefix_ids)
         L = len(self.graph) // 2
-        self.cache.k, self.cache.v, self.cache.length = self.graph[:L], self.graph[L:], P
+        self.cache = KVCache(model.config, 1, 0, prefix_ids.device)              # a holder: the tensors are set here
+        self.cache.k, self.cache.v, self.cache.length = self.graph[:L], self.graph[L:], prefix_ids.shape[1]
         if torch.is_grad_enabled():
             leaves = [t.detach().requires_grad_() for t in self.graph]
             self.cache.k, self.cache.v = leaves[:L], leaves[L:]
@@ -427,6 +425,13 @@ class SharedPrefix:
             torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
 
 
+def prefix_cache(model, prefix_ids):
+    """The one-row KVCache of prefix_ids (1, P), filled by one forward (with grad, if enabled)."""
+    cache = KVCache(model.config, 1, prefix_ids.shape[1], prefix_ids.device, model.model.embed_tokens.weight.dtype)
+    model(prefix_ids, cache=cache, logits_to_keep=slice(0, 0))
+    return cache
+
+
 def forward_with_prefix(model, input_ids, attention_mask=None, prefix_len=0, logits_at=None, prefix=None):
     """The training forward -> (logits, final hidden (B, T, C)). Two savings, both exact:
     - prefix_len P > 0: the first P tokens are the same in every row (the system prompt); they run once, as a one-row
@@ -439,10 +444,9 @@ def forward_with_prefix(model, input_ids, attention_mask=None, prefix_len=0, log
     - logits_at (B, T) bool: the LM head (V × C, a fifth of SmolLM2's FLOPs) runs only there -> logits (N, V)."""
     if not prefix_len or (input_ids.shape[0] == 1 and prefix is None):   # nothing to share: the plain forward
         return model(input_ids, attention_mask, return_hidden=True, logits_to_keep=logits_at)
-    P, weight = prefix_len, model.model.embed_tokens.weight
+    P = prefix_len
     if prefix is None:
-        prefix = KVCache(model.config, 1, P, input_ids.device, weight.dtype)
-        model(input_ids[:1, :P], cache=prefix, logits_to_keep=slice(0, 0))           # (1, P) into the cache
+        prefix = prefix_cache(model, input_ids[:1, :P])
     elif prefix.length != P:
         raise ValueError(f"forward_with_prefix: a shared prefix of {prefix.length} tokens for prefix_len {P}")
     rest = None if attention_mask is None else attention_mask[:, P:]
