@@ -21,11 +21,15 @@ Guarantees:
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import os
+import platform
 import random
 import re
 import shutil
+import subprocess
 from dataclasses import asdict
 
 import numpy as np
@@ -161,6 +165,47 @@ def load_optimizer(path: str, optimizer, state: dict, policy=None):
     else:
         from distributed import load_full_optimizer_state
         load_full_optimizer_state(policy, optimizer, sd)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Provenance: what produced a result
+
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def source_hash(paths: list[str]) -> str:
+    """A short hash of the bytes of these source files (relative to the repository; a folder: its *.py files)."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        full = os.path.join(REPO, path)
+        files = sorted(os.path.join(full, f) for f in os.listdir(full) if f.endswith(".py")) if os.path.isdir(full) \
+            else [full]
+        for file in files:
+            h.update(os.path.relpath(file, REPO).encode())
+            with open(file, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:12]
+
+
+def git_state() -> dict:
+    """{"commit": HEAD or None outside a git checkout, "dirty": uncommitted changes to tracked files}."""
+    def git(*args):
+        done = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else None
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    except OSError:                                  # no git on this machine
+        commit, dirty = None, None
+    return {"commit": commit, "dirty": dirty}
+
+
+def provenance() -> dict:
+    """What produced a result: the code (git commit, dirty tree), torch, threads, Python, machine, date."""
+    return {**git_state(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "machine": platform.machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 # Flags that may change when a run is resumed; any other change would continue one experiment as another (seen: a

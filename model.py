@@ -769,13 +769,15 @@ def save_pretrained(model, tokenizer, path, state=None):
 class LoRALinear(nn.Module):
     """y = W x + b + (α/r) · B A x. Keeps the base Parameter objects (same names, no copy). No LoRA dropout: nothing
     here trains with it (peft's default is 0 as well)."""
-    def __init__(self, base: nn.Linear, r: int, alpha: float):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.weight, self.bias, self.r, self.alpha, self.scale = base.weight, base.bias, r, alpha, alpha / r
         like = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, **like))                 # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, **like))                # (out, r)
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))    # A random, B = 0 -> the adapter starts as a no-op
+        # A random, B = 0 -> the adapter starts as a no-op. A is drawn from `generator` (add_lora's seed), never
+        # from the global RNG, whose state depends on what ran before (a cached or a freshly trained warm start).
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
         self.enabled = True                          # False: the base model (lora_disabled)
         self.packed = None                           # see packed_weights
         self.train(base.training)                    # the mode of the layer it replaces
@@ -791,14 +793,16 @@ class LoRALinear(nn.Module):
         return y
 
 
-def add_lora(model, r=8, alpha=16,
+def add_lora(model, r=8, alpha=16, seed=0,
              targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-    """Freeze every base weight and wrap the nn.Linear layers named in `targets`. Returns the model."""
+    """Freeze every base weight and wrap the nn.Linear layers named in `targets`; the A matrices are drawn from a
+    generator seeded with `seed` (the same adapters whatever ran before). Returns the model."""
     model.requires_grad_(False)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, m in list(model.named_modules()):
         for child, sub in list(m.named_children()):
             if child in targets and isinstance(sub, nn.Linear):
-                setattr(m, child, LoRALinear(sub, r, alpha))
+                setattr(m, child, LoRALinear(sub, r, alpha, generator))
     return model
 
 

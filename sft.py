@@ -28,6 +28,7 @@ from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_to
 from tqdm import tqdm
 
 from batching import collate, pack_microbatches, predictors, shared_prefix_len, token_logprobs
+from checkpoint import provenance, source_hash
 from model import (ModelConfig, Tokenizer, Transformer, add_lora, forward_with_prefix, load_pretrained,
                    save_pretrained, store_frozen_weights_in)
 from rollout import TEMPLATES, ScriptedPolicy, rollout, system_prompt
@@ -64,8 +65,15 @@ def corpus(env, tasks, template: str, schema_format: str = "compact"):
                 yield t.observation.format(observation=result.text)
 
 
+# The code a warm start is a function of: the model, the SFT loop and what makes the demonstrations (rollout, tools).
+# Its hash is part of the cache key, so a change to any of these files trains a new warm start instead of silently
+# reusing one trained by other code (the SmolLM2 results of 2026-11-26 stood on such a stale cache; README).
+WARM_START_CODE = ["sft.py", "model.py", "batching.py", "rollout.py", "tools", "gguf_import.py"]
+
+
 def sft_hash(cfg, suite) -> str:
-    """Everything the warm start depends on; a run with the same values reuses the cached SFT model."""
+    """Everything the warm start depends on, its code included; a run with the same values and the same code reuses
+    the cached SFT model."""
     keys = ["model", "sft_seed", "sft_tasks", "sft_epochs", "sft_batch", "sft_lr", "sft_schedule",
             "sft_fault_rate"]
     keys += ["lora", "lora_r", "lora_alpha", "dtype"] if cfg.model else \
@@ -73,7 +81,7 @@ def sft_hash(cfg, suite) -> str:
     shape = {k: getattr(cfg.rollout, k) for k in ("template", "schema_format", "max_steps", "max_action_tokens",
                                                  "max_total_tokens", "max_obs_tokens")}   # not sampling settings
     blob = json.dumps({**{k: getattr(cfg, k) for k in keys}, **shape, "token_budget": cfg.ppo.token_budget,
-                       "suite": suite.fingerprint()}, sort_keys=True)
+                       "suite": suite.fingerprint(), "code": source_hash(WARM_START_CODE)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -92,7 +100,8 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
     pretrained checkpoint: its own tokenizer and chat template, fine-tuned through LoRA (--lora auto/on) or fully
     (--lora off); the adapters are merged before caching, so the cached model is a plain checkpoint and the RL phase
     adds fresh adapters on top of it (its reference policy is then this SFT model, as in the paper)."""
-    cache_dir = os.path.join(cfg.cache_dir, f"sft-{sft_hash(cfg, suite)}")
+    key = sft_hash(cfg, suite)
+    cache_dir = os.path.join(cfg.cache_dir, f"sft-{key}")
     if os.path.exists(os.path.join(cache_dir, "config.json")):
         log(f"SFT warm start: cached at {cache_dir}")
         return (*load_pretrained(cache_dir, device=device), cache_dir)
@@ -102,7 +111,7 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
     if model_dir:
         model, tokenizer = load_pretrained(model_dir, device=device)
         if cfg.lora != "off":
-            add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
+            add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, seed=cfg.sft_seed)
             if cfg.dtype != "float32":    # the frozen base in the autocast dtype (saved merged, in float32)
                 store_frozen_weights_in(model, getattr(torch, cfg.dtype))
     else:
@@ -122,9 +131,12 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
     for i in range(0, len(tasks), 256):
         policy = ScriptedPolicy(Expert(), tokenizer, cfg.rollout)
         episodes += rollout(policy, tasks[i:i + 256], env, tokenizer, cfg.rollout)
-    sft_train(model, episodes, tokenizer.pad_id, cfg, device, log)
+    losses = sft_train(model, episodes, tokenizer.pad_id, cfg, device, log)
     model.eval()
     save_pretrained(model, tokenizer, cache_dir)          # LoRA merged into the weights
+    with open(os.path.join(cache_dir, "provenance.json"), "w") as f:   # which code trained it, where, how long
+        json.dump({"key": key, **provenance(), "seconds": round(time.time() - t0), "demonstrations": len(episodes),
+                   "first_loss": losses[0], "last_loss": losses[-1]}, f, indent=1)
     log(f"SFT warm start: {len(episodes)} expert episodes, {time.time() - t0:.0f}s, saved to {cache_dir}")
     return (*(load_pretrained(cache_dir, device=device) if model_dir else (model, tokenizer)), cache_dir)
 
@@ -146,6 +158,7 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
                               enabled=cfg.dtype != "float32")
     model.train()
     bar = tqdm(total=total, desc="sft", leave=False)
+    losses = []                                       # one per optimizer step, on the device until the end
     for epoch in range(cfg.sft_epochs):
         order = torch.randperm(len(episodes), generator=gen).tolist()
         for b in range(batches_per_epoch):
@@ -169,7 +182,9 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
             opt.step()
             opt.zero_grad(set_to_none=True)
             bar.update(1)
+            losses.append(loss_sum)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss_sum):.3f}")        # one host sync every 20 steps
         log(f"SFT epoch {epoch + 1}/{cfg.sft_epochs}: loss {float(loss_sum):.4f}")
     bar.close()
+    return [round(float(x), 5) for x in losses]

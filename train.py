@@ -120,7 +120,7 @@ def load_model(cfg: Config, suite, d, device, say):
         distributed.barrier(d)
     model.checkpoint_layers = cfg.checkpoint_layers
     if uses_lora(cfg):
-        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
+        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, seed=cfg.seed)
         if cfg.dtype != "float32":        # frozen base in the autocast dtype; adapters and optimizer stay float32
             store_frozen_weights_in(model, getattr(torch, cfg.dtype))
     return model, tokenizer, warm_start_dir
@@ -142,7 +142,10 @@ def evaluate_warm_start(cfg: Config, model, tokenizer, env, tasks, d, warm_start
     """The SFT row: (metrics, {task id: IsSolved}, transcripts) of the warm start on `tasks`. Every method and seed
     of an experiment starts from the same cached warm start, so its evaluation is cached next to it (greedy decoding:
     the result depends only on the model, the tasks and the rollout settings, plus the fault stream if faults are on)."""
+    # The warm start's directory is keyed by the code that trains it (sft.WARM_START_CODE: the model, rollouts, tools
+    # and the judge), so a change there gives a new directory; what evaluates it in this file is keyed here.
     key = json.dumps({"tasks": [t.id for t in tasks], "rollout": asdict(cfg.rollout), "batch": cfg.rollout_batch,
+                      "code": checkpoint.source_hash(["train.py", "rollout.py", "tools"]),
                       "world": d.world, "fault_rate": cfg.fault_rate, "fault_seed": cfg.seed if cfg.fault_rate else 0,
                       "lora": [uses_lora(cfg), cfg.lora_r, cfg.lora_alpha, cfg.dtype]}, sort_keys=True)
     path = warm_start_dir and os.path.join(warm_start_dir, f"eval-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json")
@@ -165,9 +168,12 @@ def outcomes_of(episodes) -> dict:
 
 
 def transcripts_of(episodes) -> dict:
-    """{task id: {"actions": [the text of each action], "stop": stop reason}}: enough to tell, per test task, whether
-    training changed what the greedy policy does, and how its episodes end."""
-    return {ep.task.id: {"actions": [s.action_text for s in ep.steps], "stop": ep.stop_reason} for ep in episodes}
+    """{task id: {"actions": [the text of each action], "calls": [[tool, args], ...] (Finish excluded), "answer": the
+    final answer or None, "stop": stop reason}}: enough to re-judge every answer with another judge, and to tell
+    whether training changed what the greedy policy does and how its episodes end."""
+    return {ep.task.id: {"actions": [s.action_text for s in ep.steps],
+                         "calls": [[s.tool, s.args] for s in ep.steps if s.tool != "Finish"],
+                         "answer": ep.final_answer, "stop": ep.stop_reason} for ep in episodes}
 
 
 def evaluate_only(cfg: Config, model, tokenizer, env, test_tasks, d, say) -> dict:
@@ -188,6 +194,18 @@ def evaluate_only(cfg: Config, model, tokenizer, env, test_tasks, d, say) -> dic
         f"hit a fault, {metrics['all']['retry_after_fault']:.1%} of those were retried")
     return {"test": metrics, "judged_pass_rate": passed, "judged": len(judged),
             "unjudged": len(episodes) - len(judged)}
+
+
+def warm_start_provenance(warm_start_dir: str) -> dict | None:
+    """The warm start a run stands on: its cache key and what trained it (sft.py's provenance.json: commit, dirty
+    tree, torch, threads, date, losses); None for --model as it is."""
+    if not warm_start_dir:
+        return None
+    path = os.path.join(warm_start_dir, "provenance.json")
+    if not os.path.exists(path):                     # a warm start cached before provenance was recorded
+        return {"key": os.path.basename(warm_start_dir).removeprefix("sft-"), "commit": None}
+    with open(path) as f:
+        return json.load(f)
 
 
 def actor_params(policy) -> dict:
@@ -373,7 +391,8 @@ def main(cfg: Config) -> dict:
     result = {"sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history,
               "config": asdict(cfg), "test_task_groups": {t.id: t.group for t in test_tasks},
               "sft_test_outcomes": sft_outcomes, "test_outcomes": outcomes_of(final_episodes),
-              "sft_test_transcripts": sft_transcripts, "test_transcripts": transcripts_of(final_episodes)}
+              "sft_test_transcripts": sft_transcripts, "test_transcripts": transcripts_of(final_episodes),
+              "provenance": checkpoint.provenance(), "warm_start": warm_start_provenance(warm_start_dir)}
     if d.main:
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)

@@ -443,3 +443,17 @@ def test_a_truncated_safetensors_file_is_named(ckpt):
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors: corrupt or truncated safetensors file"):
         M.load_pretrained(str(ckpt))
+
+
+def test_lora_adapters_are_drawn_from_their_seed_not_from_the_global_rng():
+    """The warm start's adapters once came from the global RNG, so a cached and a freshly trained warm start left the
+    RL adapters with different initial values: the same command gave another run. Now the seed alone decides."""
+    def adapters(seed, draws_before):
+        torch.manual_seed(1234)
+        torch.rand(draws_before)                      # whatever ran before must not matter
+        model = M.Transformer(M.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2))
+        M.add_lora(model, r=4, alpha=8, seed=seed)
+        return torch.cat([p.flatten() for n, p in model.named_parameters() if "lora_A" in n])
+    assert torch.equal(adapters(0, 1), adapters(0, 1000))
+    assert not torch.equal(adapters(0, 1), adapters(1, 1))

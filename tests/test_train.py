@@ -52,6 +52,13 @@ def test_the_smoke_preset_writes_metrics_a_loadable_checkpoint_and_the_final_tab
     groups = json.load(open(os.path.join(out, "ckpt-000001", "state.json")))["optimizer"]["param_groups"]
     assert [(g["lr"], len(g["params"])) for g in groups][1] == (config["value_lr"], 2)
     assert groups[0]["lr"] == config["lr"] != config["value_lr"]
+    # Every result says what produced it: the code, and the warm start it stands on (trained by this run's code).
+    results = json.load(open(os.path.join(out, "results.json")))
+    assert results["provenance"]["torch"] == torch.__version__ and "commit" in results["provenance"]
+    assert results["warm_start"]["commit"] == results["provenance"]["commit"] and results["warm_start"]["key"]
+    # ... and every test answer and call, so a later judge can re-judge them without re-running the model.
+    transcript = next(iter(results["test_transcripts"].values()))
+    assert {"actions", "calls", "answer", "stop"} <= set(transcript)
 
 
 @pytest.mark.slow
@@ -302,3 +309,38 @@ def test_the_per_phase_peak_memory_sees_a_freed_block_and_forgets_it_after_a_res
     out = subprocess.run([sys.executable, "-c", PEAK_CHECK], capture_output=True, text=True, cwd=ROOT, check=True)
     first, second = map(float, out.stdout.split())
     assert first - second > 200                         # of the 256 MB allocated and freed before the reset
+
+
+def test_the_warm_start_cache_key_covers_the_code_that_trains_it(tmp_path, monkeypatch):
+    """A warm start trained by other code is never reused: editing any file of sft.WARM_START_CODE (here a comment
+    in model.py, in a copy of the repository) gives another key; an unrelated file (experiment.py) does not."""
+    import shutil
+    import checkpoint
+    from sft import WARM_START_CODE, sft_hash
+    from tools import make_suite
+    from train import parse_config
+    cfg, suite = parse_config(["--preset", "smoke"]), make_suite("tiny")
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    for name in WARM_START_CODE + ["experiment.py"]:
+        src = os.path.join(ROOT, name)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, copy / name)
+    monkeypatch.setattr(checkpoint, "REPO", str(copy))
+    before = sft_hash(cfg, suite)
+    with open(copy / "experiment.py", "a") as f:
+        f.write("\n# not on the warm start's path\n")
+    assert sft_hash(cfg, suite) == before
+    with open(copy / "model.py", "a") as f:
+        f.write("\n# a comment is a change too: the key cannot tell which edits are exact\n")
+    assert sft_hash(cfg, suite) != before
+
+
+def test_provenance_names_the_commit_the_tree_state_torch_and_threads():
+    import checkpoint
+    p = checkpoint.provenance()
+    assert p["torch"] == torch.__version__ and p["threads"] == torch.get_num_threads()
+    done = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    if done.returncode == 0:                            # a git checkout (CI's clone is one)
+        assert p["commit"] == done.stdout.strip() and isinstance(p["dirty"], bool)
+    else:
+        assert p["commit"] is None
