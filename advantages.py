@@ -1,6 +1,7 @@
 """Step-grained advantages for StepTool (arXiv 2410.07745, Sec. 3.2): from each step's reward and the critic's
-values to an advantage Â and a return G on every action token. ppo.ppo_update calls `compute_advantages` once per
-update; the rest are the small pure functions it is built from (the settings are ppo.PPOConfig's).
+values to an advantage Â and a return G on every action token. ppo.ppo_update calls `compute_advantages` and
+`value_mask` once per update; the rest are the small pure functions they are built from; AdvantageConfig holds the
+settings (flags --gamma, --lam, --advantage, ...).
     δ_t = r_t + γ·V(s_{t+1}) − V(s_t)  (V after the last step = 0),   Â_t = Σ_l (γλ)^l · δ_{t+l},   G_t = Â_t + V(s_t)
     every action token of step t takes its step's Â_t and G_t (the paper's step-grained optimisation)
 Implementation choices not in the paper (each a flag or a comment at the code):
@@ -9,7 +10,8 @@ Implementation choices not in the paper (each a flag or a comment at the code):
  2. KL placement (Ziegler et al. / TRL, as the paper): k1 = log π_old − log π_ref per action token, subtracted
     from the reward (summed over each step's tokens in step mode); with `kl_in_loss` β is 0 here and the KL is a
     loss term instead (ppo.py contract 3). Fixed β; the authors use TRL's adaptive controller (initial 0.3).
- 3. The value head at position p estimates the state after token p: V(s_t) is read at step_start−1.
+ 3. The value head at position p estimates the state after token p: V(s_t), the state before step t's first action
+    token, is `state_values` (the value head one token earlier: batching.after, the next-token shift) at step_start.
  4. The released code (PAPER.md 1-2) as flags: `advantage="token"` = TRL token-level GAE, each step's reward on
     its last action token, observation tokens counted as time steps (`token_gae="trl"`, default; "skip" is
     veRL's GAE over action tokens only); `authors_reward_scaling` multiplies step t's reward by
@@ -20,8 +22,32 @@ Data parallel: `all_sum` (Σ over ranks, from ppo_update) makes the whitening an
 process it is the identity, `one_process_sum`.
 Shapes: B batch (episodes), T tokens, S steps.
 """
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
+
+from batching import after
+
+
+@dataclass
+class AdvantageConfig:
+    gamma: float = 0.99
+    """discount γ over steps (step mode) or tokens (token mode); authors 0.99"""
+    lam: float = 0.95
+    """GAE λ; authors 0.95"""
+    advantage: str = "step"
+    """step: GAE over tool steps (paper); token: token-level GAE (authors' code); step-group: critic-free,
+    returns normalised over steps from the same state in a group of rollouts of one task (GiGPO-style)"""
+    token_gae: str = "trl"
+    """token mode: trl counts observation tokens as time steps (authors, default); skip: veRL's GAE"""
+    whiten: bool = True
+    """whiten advantages over the batch (contract 1)"""
+    authors_reward_scaling: bool = False
+    """multiply step t's reward by (T−1−t) as the released code does (final reward -> 0)"""
+    kl_coef: float = 0.1
+    """β of the KL to the reference policy (fixed; authors: adaptive from 0.3)"""
+    kl_in_loss: bool = False
+    """False: −β·k1 in the reward (paper, TRL; contract 2); True: +β·k3 as a loss term (ppo.py contract 3)"""
 
 
 def one_process_sum(x):
@@ -88,8 +114,21 @@ def values_at(values, index):
 
 
 def state_values(values):
-    """V of the state before token t = value head at t−1 (its own convention, contract 3): (B, T) -> (B, T)."""
-    return F.pad(values[:, :-1], (1, 0))
+    """V of the state before token t = value head at t−1 (contract 3; the next-token shift): (B, T) -> (B, T)."""
+    return after(values)
+
+
+def value_mask(batch, cfg: AdvantageConfig):
+    """Where the value loss applies, in the positions of state_values (ppo.py contract 5): the state before each step
+    (its first action token) in step mode, every action token in token mode, nowhere under step-group, which has no
+    critic (its value loss is 0, not a loss of zeros against the returns). (B, T) bool."""
+    if cfg.advantage == "step-group":
+        return torch.zeros_like(batch["action_mask"])
+    if cfg.advantage == "token":
+        return batch["action_mask"]
+    start = torch.where(batch["step_mask"], batch["step_start"], 0)  # position 0 is never a step start
+    hits = torch.zeros_like(batch["action_mask"], dtype=torch.float32)
+    return hits.scatter_add_(1, start, batch["step_mask"].float()) > 0  # first action token of each step
 
 
 def authors_scaling(step_rewards, step_mask):
@@ -114,7 +153,7 @@ def apply_kl_penalty(rewards, kl, beta, step_id=None):
 
 def _step_advantages(batch, values, rewards, kl, beta, cfg, all_sum):
     r = apply_kl_penalty(rewards, kl, beta, batch["step_id"])  # (B, S)
-    v = values_at(values, batch["step_start"] - 1)  # V(s_t): value head just before the step's first token
+    v = values_at(state_values(values), batch["step_start"])  # V(s_t): the state before the step's first token
     adv, ret = step_gae(r, v, batch["step_mask"], cfg.gamma, cfg.lam)  # (B, S)
     adv = masked_whiten(adv, batch["step_mask"], all_sum=all_sum) if cfg.whiten else adv
     return [step_to_token(x, batch["step_id"], batch["action_mask"]) for x in (adv, ret)]

@@ -1,36 +1,30 @@
 """From episodes to the tensors SFT and PPO train on, and from logits to per-token log-probabilities.
 
 Who calls it: sft.py (the warm start's loss), ppo.py (π_old, π_θ and the micro-batches of an update), train.py (the
-reference policy's log-probs, collating each iteration's episodes), rollout.py (the shared prompt prefix).
+reference policy's log-probs, collating each iteration's episodes), advantages.py (the next-token shift).
 
 Why a module of its own: SFT and PPO need the same four things, and neither should import the other for them:
  1. `collate`: a list of rollout.Episode, right-padded into (B, T) token tensors and (B, S) step tensors.
- 2. `shared_prefix_len`: the prompt prefix every row shares (the system prompt), computed once per forward.
- 3. `pack_microbatches`: rows grouped under a token budget, sorted by length so padding stays small.
- 4. `token_logprobs`: log π of each token, the one place logits are shifted (logits at t−1 predict token t).
+ 2. `Microbatches`: rows grouped under a token budget (`pack_microbatches`), sorted by length so padding stays small,
+    each micro-batch cut to its longest row. cpu_speed.SharedPromptMicrobatches is the same plan with the prompt every
+    row shares run once.
+ 3. `predictors` / `after`: THE next-token shift (logits at t−1 predict token t; the value head at t−1 is the state
+    before token t), in one place; token_logprobs, advantages.state_values and the value mask go through it.
+ 4. `token_logprobs`: log π of each token, gather minus logsumexp in chunks, never a float32 (B, T, V) log-softmax.
 
 Shapes: B batch (episodes), T tokens, S steps, V vocabulary, N selected positions.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
 
-def shared_prefix_len(rows: list[list[int]], min_len: int = 16) -> int:
-    """Length of the token prefix every row shares (the system prompt, when every task shows the same tools), at
-    most each row's length − 1 so every row keeps a token of its own; 0 if shorter than min_len (not worth it)."""
-    n = min(map(len, rows)) - 1
-    first = rows[0]
-    for row in rows[1:]:
-        n = next((i for i in range(n) if row[i] != first[i]), n)
-    return n if n >= min_len else 0
-
-
-def collate(episodes: list, pad_id: int, device="cpu", shared_prefix: bool = False) -> dict:
+def collate(episodes: list, pad_id: int, device="cpu") -> dict:
     """Right-pad a list of rollout.Episode into the tensors ppo.py consumes (its contract and `ppo_update`'s
-    docstring). shared_prefix: also "prefix_len", the number of leading prompt tokens every episode shares (an int;
-    0 = none), which model.forward_with_prefix then computes once per micro-batch."""
+    docstring)."""
     B, T = len(episodes), max(len(ep.token_ids) for ep in episodes)
     S = max(max(len(ep.steps), 1) for ep in episodes)
     out = {
@@ -70,9 +64,7 @@ def collate(episodes: list, pad_id: int, device="cpu", shared_prefix: bool = Fal
         for s in range(len(ep.steps)):
             out["state_id"][b, s] = states.setdefault(tuple(ep.token_ids[:starts[s]]), len(states))
         out["episode_group"][b] = tasks.setdefault(getattr(ep.task, "id", f"row {b}"), len(tasks))
-    prompts = [ep.token_ids[:ep.step_id.count(-1)] for ep in episodes]           # step_id -1 = the prompt
-    prefix_len = shared_prefix_len(prompts) if shared_prefix else 0
-    return {k: v.to(device) for k, v in out.items()} | {"prefix_len": prefix_len}
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def pack_microbatches(lengths, token_budget, max_padding=1.0):
@@ -80,8 +72,7 @@ def pack_microbatches(lengths, token_budget, max_padding=1.0):
     most `max_padding` of each group's slots are padding (so of all of them: 1.0 = no limit).
 
     Sorted by length (longest first) so rows of similar length share a group and padding stays small. A row that
-    would pad its group beyond max_padding starts a new one: one more forward, and (with a shared prefix) the prefix
-    once more, against fewer wasted slots."""
+    would pad its group beyond max_padding starts a new one: one more forward against fewer wasted slots."""
     groups, real = [], 0  # real: the open group's tokens without padding
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         if groups:
@@ -104,9 +95,52 @@ def padding_fraction(lengths, microbatches, widths=None):
     return 1.0 - real / max(padded, 1)
 
 
+class Microbatches:
+    """A batch's rows in micro-batches: grouped under a token budget by pack_microbatches (at most max_padding of
+    each group's slots padding), each group cut to its longest row. ppo_update makes one per batch (`of_batch`),
+    sft_train one per warm start (`of_episodes`). cpu_speed.SharedPromptMicrobatches has the same members."""
+
+    def __init__(self, lengths: list[int], token_budget: int, max_padding: float = 1.0):
+        self.lengths, self.token_budget, self.max_padding = lengths, token_budget, max_padding
+
+    @classmethod
+    def of_batch(cls, batch, cfg, dp=None, policy=None):
+        """For ppo_update: the rows of a collated batch (right padding: row i is real on [0, lengths[i]))."""
+        return cls(batch["attention_mask"].sum(1).tolist(), cfg.token_budget, cfg.max_padding)   # one host read
+
+    @classmethod
+    def of_episodes(cls, episodes, token_budget):
+        return cls([len(ep.token_ids) for ep in episodes], token_budget)
+
+    def width(self, rows) -> int:                    # the length a micro-batch of these rows is cut to
+        return max(self.lengths[i] for i in rows)
+
+    def __call__(self, rows, dp_microbatches=None) -> list:
+        """[(rows, L, loss weight, gradient-sync context)]: `rows` packed into micro-batches, each cut to length L,
+        through the data-parallel hook (ppo.OneProcess.microbatches: weight 1, no context) if one is given."""
+        groups = [[rows[j] for j in g] for g in pack_microbatches([self.lengths[i] for i in rows], self.token_budget,
+                                                                   self.max_padding)]
+        with_sync = dp_microbatches(groups) if dp_microbatches else [(g, 1.0, nullcontext()) for g in groups]
+        return [(g, self.width(g), weight, sync) for g, weight, sync in with_sync]
+
+    def forwards(self, policy=None, autocast=None):
+        """The scope of a group of forwards (a pass, or one optimizer step): nothing to share here."""
+        return nullcontext()
+
+    def padding_fraction(self, ran) -> float:       # ran: the (rows, L) of every micro-batch run
+        return padding_fraction(self.lengths, [rows for rows, _ in ran], [L for _, L in ran])
+
+
 def predictors(targets):
-    """(B, T) bool: the tokens to score -> (B, T) bool: the positions whose logits predict them (see below)."""
+    """THE next-token shift: logits at position t−1 predict token t (position 0 has no predictor). (B, T) bool: the
+    tokens to score -> (B, T) bool: the positions whose logits predict them. `after` is its inverse."""
     return F.pad(targets[:, 1:], (0, 1))
+
+
+def after(x):
+    """x (B, T) computed at every position -> (B, T) with x[:, t−1] at t, 0 at t = 0: what position t−1 says about
+    token t (its log-prob), or the value head at t−1 as V of the state before token t. The inverse of `predictors`."""
+    return F.pad(x[:, :-1], (1, 0))
 
 
 def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chunk=None, targets=None,
@@ -114,14 +148,14 @@ def token_logprobs(logits, input_ids, with_entropy=False, entropy_grad=True, chu
     """log π(input_ids[:, t] | input_ids[:, <t]) for t ≥ 1, 0 at t = 0: (B, T) [and entropy H (B, T)], π =
     softmax(logits / temperature). Gather minus logsumexp, `chunk` positions at a time in float32: never a float32
     (B, T, V) log-softmax. With `targets` (B, T) bool, logits are (N, V), computed only at the N positions
-    `predictors(targets)` selects (row-major order, model.forward_with_prefix(logits_at=...)); tokens outside
+    `predictors(targets)` selects (row-major order, model.Transformer(logits_to_keep=...)); tokens outside
     targets get 0, and the log-probs go through SelectedLogprobs (memory: see there)."""
     if targets is not None:
         return _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk, temperature)
     logits = logits / temperature if temperature != 1.0 else logits
     B, T, V = logits.shape
     chunk = chunk or max(1, 2**25 // (B * V))  # ~128 MB of float32 per chunk
-    # THE logits shift: logits at t−1 predict token t; position 0 has none (`predictors` is the same shift).
+    # THE shift (`predictors`, `after`): logits at t−1 predict token t; position 0 has none.
     pred, target = logits[:, :-1], input_ids[:, 1:]  # (B, T−1, V), (B, T−1)
     lps, ents = [torch.zeros(B, 1, device=logits.device)], [torch.zeros(B, 1, device=logits.device)]
     for i in range(0, T - 1, chunk):
@@ -143,7 +177,7 @@ def _logprob_entropy(lf, y, with_entropy, entropy_grad):
 
 
 def _sparse_logprobs(logits, input_ids, targets, with_entropy, entropy_grad, chunk, temperature):
-    scored = F.pad(targets[:, 1:], (1, 0))  # (B, T): the targets, position 0 excepted (nothing predicts it)
+    scored = after(predictors(targets))  # (B, T): the targets, position 0 excepted (nothing predicts it)
     y = input_ids[scored]  # (N,): the n-th predicted token, in the order of predictors(targets)
     chunk = chunk or max(1, 2**23 // logits.shape[-1])  # ~32 MB of float32 per chunk
     if with_entropy and entropy_grad and torch.is_grad_enabled():  # an entropy bonus: plain autograd, chunk by chunk
@@ -161,9 +195,7 @@ class SelectedLogprobs(torch.autograd.Function):
     """logits (N, V), tokens y (N,) -> log softmax(logits / T)[y] (N,) [, entropy (N,), no gradient], `chunk` rows at
     a time in float32. Memory: autograd through the plain ops keeps each chunk's float32 logits and builds a full
     (N, V) gradient per chunk; this keeps only the logits it was given and writes one (N, V) gradient, chunk by
-    chunk, from the closed form  ∂ log p_y / ∂z_j = (1[j = y] − p_j) / T. Measured on SmolLM2 (49,152 words), one
-    2 x 1,000-token micro-batch with 800 action tokens, forward + backward: peak +1,045 MB -> +583 MB (+470 MB
-    without any log-probs), and 17.1 -> 14.8 s."""
+    chunk, from the closed form  ∂ log p_y / ∂z_j = (1[j = y] − p_j) / T (README: the peak it saves on SmolLM2)."""
     @staticmethod
     def forward(ctx, logits, y, temperature, chunk, with_entropy):
         lps, ents = [], []

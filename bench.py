@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -156,30 +157,33 @@ def bench_kv_continuation(cfg, device, B=16, P=200, steps=4, action=32, obs=48, 
 def ppo_child(quick: bool):
     """One PPO iteration of the default preset (rollout + rewards + update) in a fresh process: tokens/s, padding,
     peak RSS."""
+    import cpu_speed
     import train
     from batching import collate
+    from evaluation import rollout_policy
     from ppo import ppo_update
     from rewards import REWARDS
-    from rollout import ModelPolicy, rollout
+    from rollout import rollout
     from sft import corpus, train_tokenizer
     from tools import Environment, make_tasks
     cfg = train.parse_config(["--episodes-per-iter", "16" if quick else "64"])
-    env = Environment()
-    tok = train_tokenizer(corpus(env, make_tasks("train", 300, seed=1), cfg.template), cfg.vocab_size, cfg.template)
+    env, template = Environment(), cfg.rollout.template
+    tok = train_tokenizer(corpus(env, make_tasks("train", 300, seed=1), template), cfg.vocab_size, template)
     mcfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                        num_key_value_heads=cfg.num_kv_heads, tie_word_embeddings=True)
     torch.manual_seed(0)
-    model = Transformer(mcfg)
+    model = cpu_speed.apply(Transformer(mcfg)) if cfg.cpu_speed else Transformer(mcfg)
     tasks = make_tasks("train", cfg.episodes_per_iter, seed=3)
     episodes = []
     for i in range(0, len(tasks), cfg.rollout_batch):
-        episodes += rollout(ModelPolicy(model.eval(), tok, cfg.rollout, torch.Generator().manual_seed(0)),
+        episodes += rollout(rollout_policy(cfg)(model.eval(), tok, cfg.rollout, torch.Generator().manual_seed(0)),
                             tasks[i:i + cfg.rollout_batch], env, tok, cfg.rollout)
     for ep in episodes:
         ep.rewards = REWARDS["step"](ep, cfg.rewards)
     policy = PolicyWithValue(model.train(), ValueHead(mcfg.hidden_size))
-    stats = ppo_update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-5), collate(episodes, tok.pad_id), cfg.ppo)
+    stats = ppo_update(policy, torch.optim.AdamW(policy.parameters(), lr=1e-5), collate(episodes, tok.pad_id), cfg.ppo,
+                       cfg.advantages)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"ppo_tokens_per_s": stats["tokens_per_s"], "padding_fraction": stats["padding_fraction"],
                       "ppo_iter_peak_rss_mb": rss}))
@@ -236,7 +240,7 @@ def hf_bf16(path):
 
 def bench_real_forward(path, tok, repeat, B=4, T=512):
     """Full logits of B real episodes cut to T tokens, no grad: ours vs transformers, bf16 weights, bf16 autocast."""
-    from model import load_pretrained
+    from hf import load_pretrained
     ids = torch.tensor([ep.token_ids[:T] for ep in expert_episodes(tok, B)])    # (B, T); every episode is longer
     ours, hf = load_pretrained(path, dtype=BF16)[0], hf_bf16(path)
     with torch.no_grad(), torch.autocast("cpu", BF16):
@@ -248,7 +252,7 @@ def bench_real_compile(path, tok, repeat, B=4, T=512):
     """torch.compile on our forward (no grad, bf16, B real episodes cut to T tokens): compiled / eager speed, and
     the one-off compile time. Measured, not used by train.py: a training forward's lengths change every micro-batch
     and the KV cache is Python state, so there it would recompile or break the graph."""
-    from model import load_pretrained
+    from hf import load_pretrained
     ids = torch.tensor([ep.token_ids[:T] for ep in expert_episodes(tok, B)])
     model = load_pretrained(path, dtype=BF16)[0]
     compiled = torch.compile(model)
@@ -266,21 +270,24 @@ def bench_real_ppo_step(path, tok, cfg, repeat, n_episodes=8):
     prompt once, the LM head only where it predicts an action token. Reference: transformers + peft, full logits,
     float32 log_softmax and gather (TRL's logprobs_from_logits), masked to the action tokens."""
     import peft
+    import cpu_speed
     from batching import collate, predictors, token_logprobs
-    from model import add_lora, load_pretrained, store_frozen_weights_in
-    batch = collate(expert_episodes(tok, n_episodes), tok.pad_id, shared_prefix=True)
-    ids, att, am, P = batch["input_ids"], batch["attention_mask"], batch["action_mask"], batch["prefix_len"]
+    from hf import load_pretrained
+    from model import add_lora, store_frozen_weights_in
+    batch = collate(expert_episodes(tok, n_episodes), tok.pad_id)
+    ids, att, am, prompt = batch["input_ids"], batch["attention_mask"], batch["action_mask"], \
+        cpu_speed.shared_prompt_ids(batch)
     n = am.sum()
     model = store_frozen_weights_in(add_lora(load_pretrained(path)[0], r=cfg.lora_r, alpha=cfg.lora_alpha), BF16)
-    ours = PolicyWithValue(model.train(), ValueHead(model.config.hidden_size))
+    ours = PolicyWithValue(cpu_speed.apply(model).train(), ValueHead(model.config.hidden_size))
     lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                            task_type="CAUSAL_LM")
     hf = peft.get_peft_model(hf_bf16(path), lora).train()      # adapters float32 (peft's autocast_adapter_dtype)
     losses = {}
 
     def ours_step():
-        with torch.autocast("cpu", BF16):
-            logits, _ = ours(ids, att, prefix_len=P, logits_at=predictors(am))    # (N, V) at action predictors
+        with torch.autocast("cpu", BF16), cpu_speed.shared_prompt(0 if prompt is None else prompt.shape[1]):
+            logits, _ = ours(ids, att, logits_at=predictors(am))    # (N, V) at action predictors, the prompt once
             loss = -token_logprobs(logits, ids, targets=am).sum() / n
         loss.backward()
         ours.zero_grad(set_to_none=True)
@@ -303,19 +310,20 @@ def bench_real_generate(path, tok, cfg, repeat, B=32, N=64):
     """B real large-suite prompts, N sampled tokens each (no stop): our rollout path (ModelPolicy.start + act: KV
     cache, the shared system prompt prefilled once) vs transformers.generate (left padding, min_new_tokens = N)."""
     from dataclasses import replace
-    from model import load_pretrained
-    from rollout import TEMPLATES, ModelPolicy, system_prompt
+    import cpu_speed
+    from hf import load_pretrained
+    from rollout import TEMPLATES, system_prompt
     from tools import make_suite
     suite = make_suite("large")
     env, template = suite.environment(), TEMPLATES[cfg.rollout.template]
     prompts = [tok.encode(template.prompt.format(system=system_prompt(env, task, cfg.rollout.schema_format),
                                                  user=task.query)) for task in suite.tasks("train", B, seed=0)]
-    ours, hf = load_pretrained(path, dtype=BF16)[0], hf_bf16(path)
+    ours, hf = cpu_speed.apply(load_pretrained(path, dtype=BF16)[0]), hf_bf16(path)
     T = cfg.rollout.temperature
     one_step = replace(cfg.rollout, max_steps=1, max_action_tokens=N, max_obs_tokens=0)   # cache sized for N tokens
 
     def ours_generate():
-        policy = ModelPolicy(ours, tok, one_step, torch.Generator().manual_seed(0))
+        policy = cpu_speed.ModelPolicy(ours, tok, one_step, torch.Generator().manual_seed(0))
         policy.stop_ids = []                         # NOTE: no stop token, so every row samples N tokens, like HF's
         with policy.running():
             policy.start(prompts)
@@ -338,19 +346,20 @@ def bench_real_generate(path, tok, cfg, repeat, B=32, N=64):
 def sampling_vs_fresh(policy, batch, ppo_cfg, temperature):
     """The tolerance question of use_sampling_logprobs: |log π from the rollout − log π of a fresh training forward|
     on action tokens (bf16), and ppo_update's no-grad pass (1) timed with log-probs and with values only."""
-    from batching import pack_microbatches, predictors, token_logprobs
-    ids, att, am, P = batch["input_ids"], batch["attention_mask"], batch["action_mask"], batch["prefix_len"]
-    lengths = att.sum(1).tolist()
+    import cpu_speed
+    from batching import predictors, token_logprobs
+    ids, att, am = batch["input_ids"], batch["attention_mask"], batch["action_mask"]
+    plan = cpu_speed.SharedPromptMicrobatches.of_batch(batch, ppo_cfg)    # the prompt once per forward, no rounding
     fresh, t = torch.zeros(ids.shape), {"with_logprobs": 0.0, "values_only": 0.0}
-    with torch.no_grad(), torch.autocast("cpu", BF16):
-        for mb in pack_microbatches([n - P for n in lengths], ppo_cfg.token_budget, ppo_cfg.max_padding):
-            idx, L = torch.tensor(mb), max(lengths[i] for i in mb)
+    with torch.no_grad(), torch.autocast("cpu", BF16), plan.forwards():
+        for rows, L, _, _ in plan(list(range(len(ids)))):
+            idx = torch.tensor(rows)
             x, a, targets = ids[idx, :L], att[idx, :L], am[idx, :L]
             t0 = time.perf_counter()
-            logits, _ = policy(x, a, prefix_len=P, logits_at=predictors(targets))
+            logits, _ = policy(x, a, logits_at=predictors(targets))
             fresh[idx, :L] = token_logprobs(logits, x, targets=targets, temperature=temperature)
             t1 = time.perf_counter()
-            policy(x, a, prefix_len=P, logits_at=torch.zeros_like(targets))           # V only: no LM head
+            policy(x, a, logits_at=torch.zeros_like(targets))           # V only: no LM head
             t["with_logprobs"], t["values_only"] = t["with_logprobs"] + t1 - t0, t["values_only"] + time.perf_counter() - t1
     diff = (fresh - batch["old_logprobs"])[am].abs()
     return {"sampling_logprob_max_abs_diff": diff.max().item(), "sampling_logprob_mean_abs_diff": diff.mean().item(),
@@ -373,37 +382,36 @@ def peak_rss_mb(reset: bool = False) -> float | None:
 
 def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> dict:
     """One StepTool iteration of the smollm2 preset (rollout at its temperature, step rewards, collate, ppo_update
-    against the LoRA-disabled reference) with every speed feature on, or all off: shared prefix (rollout and
-    collate; in the update once per optimizer step), decode on prepacked weights, action-only logits, frozen base in
-    bf16 (off: float32, cast by autocast in training; rollouts run without autocast, as in train.py, so in float32),
-    use_sampling_logprobs, micro-batches padded ≤ max_padding;
-    on also has the preset's activation checkpointing (memory for ~12% more update time) and glibc's mmap threshold
-    (--mmap-threshold-mb; off: glibc's default). Phase times from timestamps: the
-    rollout (+ rewards, collate); ppo_update's pass (1) until its first grad-enabled policy call, split into the
-    reference calls and the rest (π_old, V_old, advantages); the update from there to the end. Peak resident memory
-    per phase: loading (the model, LoRA, the bf16 cast), rollout, pass (1) (old log-probs + reference), update."""
-    from batching import collate, predictors, token_logprobs
-    from model import add_lora, forward_with_prefix, load_pretrained, lora_disabled, store_frozen_weights_in
+    against the LoRA-disabled reference) with every speed feature on, or all off: --cpu-speed (cpu_speed.py: the
+    shared prompt once in rollouts and training, once per optimizer step in the update; decode on prepacked weights;
+    lengths rounded to 64; glibc's allocator), action-only logits, frozen base in bf16 (off: float32, cast by
+    autocast in training; rollouts run without autocast, as in train.py, so in float32), use_sampling_logprobs,
+    micro-batches padded ≤ max_padding; on also has the preset's activation checkpointing (memory for more update
+    time). Phase times from timestamps: the rollout (+ rewards, collate); ppo_update's pass (1) until its first
+    grad-enabled policy call, split into the reference calls and the rest (π_old, V_old, advantages); the update from
+    there to the end. Peak resident memory per phase: loading (the model, LoRA, the bf16 cast), rollout, pass (1)
+    (old log-probs + reference), update."""
+    import cpu_speed
+    from batching import Microbatches, collate, predictors, token_logprobs
+    from evaluation import rollout_policy
+    from hf import load_pretrained
+    from model import add_lora, lora_disabled, store_frozen_weights_in
     from ppo import ppo_update
     from rewards import REWARDS
-    from rollout import ModelPolicy, rollout
+    from rollout import rollout
     from tools import make_suite
-    from train import map_large_allocations, release_freed_memory
     cfg = smollm2_config(episodes, flags)
-    cfg.rollout.shared_prefix = cfg.rollout.packed_weights = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
-    cfg.ppo.prefix_per_step = on
+    cfg.cpu_speed = cfg.ppo.action_logits_only = cfg.ppo.use_sampling_logprobs = on
     cfg.ppo.max_padding = cfg.ppo.max_padding if on else 1.0           # off: micro-batches by token budget only
-    cfg.ppo.length_multiple = cfg.ppo.length_multiple if on else 1      # off: cut to the longest row
     cfg.checkpoint_layers = cfg.checkpoint_layers and on                # a memory switch the preset turns on
     temperature = cfg.rollout.temperature           # π is softmax(logits / T), the distribution that was sampled
-    if on:
-        map_large_allocations(cfg.mmap_threshold_mb)   # as train.py does (process-wide: one process per setting)
+    trim = cpu_speed.tune_allocator() if on else (lambda: None)   # as train.py (process-wide: one process per setting)
     torch.manual_seed(seed)
     model, tok = load_pretrained(path)
     model.checkpoint_layers = cfg.checkpoint_layers
     add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
     if on:
-        store_frozen_weights_in(model, BF16)
+        cpu_speed.apply(store_frozen_weights_in(model, BF16))
     value_head = ValueHead(model.config.hidden_size)
     policy = PolicyWithValue(model, value_head, detach_critic=cfg.detach_critic)
     actor = [p for p in model.parameters() if p.requires_grad]
@@ -417,13 +425,13 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     model.eval()
     eps = []
     for i in range(0, episodes, cfg.rollout_batch):
-        eps += rollout(ModelPolicy(model, tok, cfg.rollout, gen), tasks[i:i + cfg.rollout_batch], env, tok, cfg.rollout)
+        eps += rollout(rollout_policy(cfg)(model, tok, cfg.rollout, gen), tasks[i:i + cfg.rollout_batch], env, tok,
+                       cfg.rollout)
     for ep in eps:
         ep.rewards = REWARDS[cfg.reward](ep, cfg.rewards)
-    batch = collate(eps, tok.pad_id, shared_prefix=on)
+    batch = collate(eps, tok.pad_id)
     t_rollout = time.perf_counter() - t0
-    if on:
-        release_freed_memory()                      # as train.py does after each rollout and update
+    trim()                                          # as train.py does after each rollout and update
     peaks["rollout"] = peak_rss_mb(reset=True)
     model.train()
     extra = sampling_vs_fresh(policy, batch, cfg.ppo, temperature) if on else {}        # not timed
@@ -438,32 +446,35 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     def timed_policy(*args, **kwargs):
         mark_first_grad()
         return policy(*args, **kwargs)
+    timed_policy.model = model                      # what the shared prompt's micro-batches look for (cpu_speed)
 
-    def share_prefix(prefix_ids):                   # the update's first step starts with its prefix
-        mark_first_grad()
-        return policy.share_prefix(prefix_ids)
-    timed_policy.share_prefix = share_prefix
+    class Timed(cpu_speed.SharedPromptMicrobatches if on else Microbatches):
+        @contextmanager
+        def forwards(self, policy=None, autocast=None):     # the update's first step starts with its prompt
+            if policy is not None:
+                mark_first_grad()
+            with super().forwards(policy, autocast):
+                yield
 
-    def reference(input_ids, attention_mask, prefix_len=0, targets=None):   # train.py's: the policy, adapters off
+    def reference(input_ids, attention_mask, targets=None):   # train.py's: the policy, adapters off
         t = time.perf_counter()
         with lora_disabled(model):
-            logits, _ = forward_with_prefix(model, input_ids, attention_mask, prefix_len,
-                                            None if targets is None else predictors(targets))
+            logits = model(input_ids, attention_mask, logits_to_keep=None if targets is None else predictors(targets))
         out = token_logprobs(logits, input_ids, targets=targets, temperature=temperature)
         marks["reference"] += time.perf_counter() - t
         return out
     t1 = time.perf_counter()
-    stats = ppo_update(timed_policy, optimizer, batch, cfg.ppo, reference_logprobs_fn=reference, autocast_dtype=BF16,
-                       generator=gen, temperature=temperature)
+    stats = ppo_update(timed_policy, optimizer, batch, cfg.ppo, cfg.advantages, reference_logprobs_fn=reference,
+                       autocast_dtype=BF16, generator=gen, temperature=temperature, microbatches=Timed)
     t2 = time.perf_counter()
     peaks["update"] = peak_rss_mb()
-    if on:
-        release_freed_memory()
+    trim()
     phases = {"rollout": t_rollout, "old_logprobs": marks["first_grad"] - t1 - marks["reference"],
               "reference": marks["reference"], "update": t2 - marks["first_grad"]}
+    prompt = cpu_speed.shared_prompt_ids(batch) if on else None
     return {"s": t2 - t0, "phase_s": phases, "phase_peak_rss_mb": peaks, "padding_fraction": stats["padding_fraction"],
             "tokens": int(batch["attention_mask"].sum()), "action_tokens": int(batch["action_mask"].sum()),
-            "steps": sum(len(ep.steps) for ep in eps), "prefix_len": batch["prefix_len"], **extra}
+            "steps": sum(len(ep.steps) for ep in eps), "prefix_len": 0 if prompt is None else prompt.shape[1], **extra}
 
 
 def real_iteration_child(path, size, which):
@@ -477,7 +488,7 @@ def real_iteration_child(path, size, which):
 
 
 def bench_real(path, size, json_file="") -> dict:
-    from model import Tokenizer
+    from hf import Tokenizer
     s = REAL_SIZES[size]
     with open(f"{path}/config.json") as f:
         cfg, tok = smollm2_config(s["episodes"], s["flags"]), Tokenizer.from_dir(path, json.load(f))

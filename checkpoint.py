@@ -37,7 +37,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import save_pretrained, strip_prefix
+from hf import save_pretrained, strip_prefix
 
 _NAME = re.compile(r"^ckpt-(\d{6})$")
 
@@ -213,7 +213,7 @@ def provenance() -> dict:
 # sizes the final evaluation: a finished run resumed with another one is re-evaluated (experiment.py --n-test); a run
 # directory may be moved or copied (--out).
 RESUMABLE_CHANGES = {"resume", "out", "iters", "eval_every", "keep_checkpoints", "max_bad_iters", "checkpoint_layers",
-                     "n_test", "mmap_threshold_mb"}
+                     "n_test"}
 
 
 def check_resume(cfg):

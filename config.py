@@ -9,7 +9,8 @@ Who calls it: train.py (parse_config, Config), which re-exports both, so `train.
 
 Each concept is one field: the sampling temperature is RolloutConfig.temperature (PPO's ratio is computed at that
 temperature, passed in by train.py), the chat template RolloutConfig.template, the seed Config.seed. Field names are
-unique across Config and its sub-configs, so a flag name is a field name (tests/test_config.py checks it).
+unique across Config and its sub-configs (RolloutConfig, RewardConfig, AdvantageConfig, PPOConfig), so a flag name is
+a field name (tests/test_config.py checks it). The CPU speed paths are one switch, Config.cpu_speed.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import os
 import textwrap
 from dataclasses import dataclass, field
 
+from advantages import AdvantageConfig
 from ppo import PPOConfig
 from rewards import CONTRIBUTIONS, REWARDS, RewardConfig
 from rollout import RolloutConfig
@@ -50,10 +52,11 @@ class Config:
     checkpoint_layers: bool = False
     """Activation checkpointing in SFT and PPO: keep only each layer's input and recompute the layer in the backward
     pass (exact; about one more forward of compute for a fraction of the activation memory)."""
-    mmap_threshold_mb: int = 16
-    """glibc: allocations of at least this many MB get pages of their own, returned to the OS when the tensor is freed
-    (0: glibc's adaptive threshold, which rises to 32 MB after the first large free and then keeps freed tensors in
-    a heap that fragments). One SmolLM2 update: peak 3,426 -> 2,873 MB, same time (493 vs 498 s)."""
+    cpu_speed: bool = True
+    """The CPU speed paths of cpu_speed.py, applied to the plain model and loop: the prompt every episode shares run
+    once (rollouts, SFT, PPO), decode matmuls on oneDNN-packed bf16 weights, PPO lengths rounded to 64 with bf16
+    weights on a CPU, glibc's allocator tuned. The same results up to float rounding; each part a no-op where it
+    does not apply (off: the plain model and loop)."""
     resume: bool = False
     """Continue from the newest checkpoint in --out."""
     eval_only: bool = False
@@ -137,20 +140,20 @@ class Config:
     """Under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard) instead of DDP."""
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardConfig = field(default_factory=RewardConfig)
+    advantages: AdvantageConfig = field(default_factory=AdvantageConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
 
 # Values that differ from Config() by name; `--preset default` (or none) is Config() as it is.
 PRESETS = {
     # SmolLM2-135M-Instruct on this 2-core CPU, sized to finish in about an hour: the large suite, SFT through LoRA on
-    # 128 demonstrations (constant lr, the recipe that taught it the format in a few dozen steps), a bf16 frozen base,
+    # 512 demonstrations (constant lr, the recipe that taught it the format in a few dozen steps), a bf16 frozen base,
     # 4 RL iterations of 32 episodes after 64 SFT steps, the first 180 test tasks (60 per group). token_budget 2048
-    # kept a training process near 6 GB (at 4096 one peaked at 9-12 GB); activation checkpointing (exact) brings a
-    # micro-batch of 2 x 1,000 tokens from 5.3 to 2.4 GB peak for 12% more time.
+    # and activation checkpointing (exact) bound a training process's memory (README, "Memory and padding").
     "smollm2": dict(out="runs/smollm2", model="smollm2", suite="large", dtype="bfloat16", n_val=15, n_test=180,
                     sft_tasks=512, sft_epochs=1, sft_batch=8, sft_lr=1e-3, sft_schedule="constant", lora_alpha=32,
                     max_total_tokens=1536, iters=4, episodes_per_iter=32, lr=5e-5, kl_coef=0.05, eval_every=4,
-                    token_budget=2048, checkpoint_layers=True, length_multiple=64),
+                    token_budget=2048, checkpoint_layers=True),
     # CI: a tiny model, 2 iterations of 8 episodes, < 1 min.
     "smoke": dict(out="runs/smoke", n_val=12, n_test=18, train_tasks=400, vocab_size=512, hidden_size=64,
                   num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, sft_tasks=96, sft_epochs=1, iters=2,
@@ -221,14 +224,19 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
+def uses_lora(cfg: Config) -> bool:
+    """LoRA adapters on the pretrained model (--lora auto: with --model; on; off)."""
+    return cfg.lora == "on" or (cfg.lora == "auto" and bool(cfg.model))
+
+
 def validate(cfg: Config):
     """Out-of-range flags fail here with one line, before anything is built."""
     checks = [
         (cfg.lr > 0, f"--lr must be > 0 (got {cfg.lr})"),
         (cfg.value_lr > 0, f"--value-lr must be > 0 (got {cfg.value_lr})"),
-        (0 <= cfg.ppo.gamma <= 1, f"--gamma must be in [0, 1] (got {cfg.ppo.gamma})"),
-        (0 <= cfg.ppo.lam <= 1, f"--lam must be in [0, 1] (got {cfg.ppo.lam})"),
-        (cfg.ppo.kl_coef >= 0, f"--kl-coef must be >= 0 (got {cfg.ppo.kl_coef})"),
+        (0 <= cfg.advantages.gamma <= 1, f"--gamma must be in [0, 1] (got {cfg.advantages.gamma})"),
+        (0 <= cfg.advantages.lam <= 1, f"--lam must be in [0, 1] (got {cfg.advantages.lam})"),
+        (cfg.advantages.kl_coef >= 0, f"--kl-coef must be >= 0 (got {cfg.advantages.kl_coef})"),
         (cfg.episodes_per_iter > 0, f"--episodes-per-iter must be > 0 (got {cfg.episodes_per_iter})"),
         (cfg.rollout_batch > 0, f"--rollout-batch must be > 0 (got {cfg.rollout_batch})"),
         (cfg.iters >= 0, f"--iters must be >= 0 (got {cfg.iters})"),
@@ -238,11 +246,11 @@ def validate(cfg: Config):
         (cfg.reward in REWARDS, f"--reward must be one of {sorted(REWARDS)} (got {cfg.reward!r})"),
         (cfg.rewards.contribution in CONTRIBUTIONS,
          f"--contribution must be one of {sorted(CONTRIBUTIONS)} (got {cfg.rewards.contribution!r})"),
-        (cfg.ppo.advantage in ("step", "token", "step-group"),
-         f"--advantage must be step, token or step-group (got {cfg.ppo.advantage!r})"),
+        (cfg.advantages.advantage in ("step", "token", "step-group"),
+         f"--advantage must be step, token or step-group (got {cfg.advantages.advantage!r})"),
         (cfg.group_size >= 1 and cfg.episodes_per_iter % cfg.group_size == 0,
          f"--group-size must be >= 1 and divide --episodes-per-iter (got {cfg.group_size})"),
-        (cfg.ppo.advantage != "step-group" or cfg.group_size >= 2,
+        (cfg.advantages.advantage != "step-group" or cfg.group_size >= 2,
          "--advantage step-group compares rollouts of one task: it needs --group-size >= 2 (with 1 every advantage "
          "is 0)"),
         (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),

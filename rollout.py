@@ -1,7 +1,8 @@
 """Batched multi-step rollouts of a policy against the mocked tools, and their evaluation.
 
-Who calls it: sft.py (the scripted expert's demonstrations, ScriptedPolicy), train.py (RL rollouts, evaluation),
-offline.py (Episode, Step for offline rows), bench.py. Its episodes become tensors in batching.collate.
+Who calls it: sft.py (the scripted expert's demonstrations, ScriptedPolicy), train.py and evaluation.py (RL rollouts,
+evaluation), offline.py (Episode, Step for offline rows), bench.py; cpu_speed.ModelPolicy is ModelPolicy with the
+shared prompt computed once and packed decode weights. Its episodes become tensors in batching.collate.
 
 One episode is a ReAct conversation rendered in a chat template:
 
@@ -30,12 +31,12 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+from tqdm import tqdm
 
-from batching import shared_prefix_len
-from model import KVCache, decode, extend, packed_weights
+from model import KVCache, decode, extend
 from tools import SOLVED, Action, check_answer, parse_action, relevant_tool_recall
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -148,11 +149,6 @@ class RolloutConfig:
     """Sample among the k most likely tokens only (0 = all)."""
     top_p: float = 1.0
     """Nucleus sampling: the smallest set of tokens with mass >= top_p (1 = all)."""
-    shared_prefix: bool = True
-    """Compute the prompt prefix all episodes share once per batch (exact; a speed switch)."""
-    packed_weights: bool = True
-    """Decode steps multiply by oneDNN-prepacked copies of the bf16 weights (CPU only; bf16 rounding; a speed switch
-    that holds a second copy of the weights during the rollout)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -160,28 +156,25 @@ class RolloutConfig:
 
 
 class ModelPolicy:
-    """Samples actions from `model`, keeping one KV cache across the steps of the batch."""
+    """Samples actions from `model`, keeping one KV cache across the steps of the batch. cpu_speed.ModelPolicy is the
+    same with the prompt the batch shares computed once and decode matmuls on packed weights."""
 
     def __init__(self, model, tokenizer, cfg: RolloutConfig, generator: torch.Generator | None = None):
         self.model, self.cfg, self.generator = model, cfg, generator
         self.stop_ids = [tokenizer.token_to_id(TEMPLATES[cfg.template].end_of_turn)]
 
-    def running(self):                               # the scope of one rollout: decode weights packed, then freed
-        return packed_weights(self.model, self.cfg.packed_weights)
+    def running(self):                               # the scope of one rollout
+        return nullcontext()
+
+    def slots(self, prompt_len: int) -> int:
+        """Cache slots in the worst case: every step appends the batch's longest action and longest observation
+        (shorter rows leave masked holes), so the bound is per step, not per row."""
+        return prompt_len + self.cfg.max_steps * (self.cfg.max_action_tokens + self.cfg.max_obs_tokens + 16)
 
     def start(self, prompts: list[list[int]]):
         p = next(self.model.parameters())
-        # Cache slots in the worst case: every step appends the batch's longest action and longest observation
-        # (shorter rows leave masked holes), so the bound is per step, not per row.
-        per_step = self.cfg.max_action_tokens + self.cfg.max_obs_tokens + 16
-        P = shared_prefix_len(prompts) if self.cfg.shared_prefix else 0
-        slots = max(map(len, prompts)) - P + self.cfg.max_steps * per_step
-        self.cache = KVCache(self.model.config, len(prompts), slots, p.device, p.dtype)
-        if P:                                        # the system prompt once, kept once, continued by every row
-            prefix = KVCache(self.model.config, 1, P, p.device, p.dtype)
-            extend(self.model, prefix, [prompts[0][:P]])
-            self.cache.share_prefix(prefix)
-        self.last_logits = extend(self.model, self.cache, [q[P:] for q in prompts])      # (B, V)
+        self.cache = KVCache(self.model.config, len(prompts), self.slots(max(map(len, prompts))), p.device, p.dtype)
+        self.last_logits = extend(self.model, self.cache, prompts)                       # (B, V)
 
     def act(self, episodes, budgets):
         return decode(self.model, self.cache, self.last_logits, torch.tensor(budgets), self.stop_ids,
@@ -326,18 +319,17 @@ def episode_metrics(episodes: list[Episode]) -> dict:
 
 
 def evaluate(model, tokenizer, env, tasks, cfg: RolloutConfig, batch_size: int = 32, progress: bool = False,
-             fault_seed: int | None = None) -> tuple[dict, list[Episode]]:
-    """Greedy rollouts on `tasks`; returns the metrics of `episode_metrics` and the episodes. With `fault_seed` the
-    tools' fault stream restarts from it, so two models evaluated with one seed meet the same faults (a paired
-    comparison; two draws of 30% faults alone moved a 300-task pass rate by 0.05)."""
-    from dataclasses import replace
-    from tqdm import tqdm
+             fault_seed: int | None = None, policy_class=None) -> tuple[dict, list[Episode]]:
+    """Greedy rollouts on `tasks` by `policy_class` (ModelPolicy, or cpu_speed.ModelPolicy); returns the metrics of
+    `episode_metrics` and the episodes. With `fault_seed` the tools' fault stream restarts from it, so two models
+    evaluated with one seed meet the same faults (a paired comparison; two draws of 30% faults alone moved a 300-task
+    pass rate by 0.05)."""
     if fault_seed is not None:
         env.reset(seed=fault_seed)
     greedy = replace(cfg, temperature=0.0)
     episodes = []
     for i in tqdm(range(0, len(tasks), batch_size), desc="eval", disable=not progress, leave=False):
-        policy = ModelPolicy(model, tokenizer, greedy)
+        policy = (policy_class or ModelPolicy)(model, tokenizer, greedy)
         episodes += rollout(policy, tasks[i:i + batch_size], env, tokenizer, greedy)
     return episode_metrics(episodes), episodes
 

@@ -1,8 +1,8 @@
 """The warm start: SFT on scripted-expert trajectories, of a tiny model trained from scratch (with its own
 tokenizer) or of a pretrained checkpoint (--model, e.g. SmolLM2, through LoRA).
 
-Who calls it: train.py (`warm_start`) before evaluation and RL. The paper also starts RL from an SFT model
-(ToolLLaMA); here the SFT model is also the "SFT alone" baseline of the results table.
+Who calls it: train.py (`warm_start`, `warm_start_provenance`) before evaluation and RL. The paper also starts RL
+from an SFT model (ToolLLaMA); here the SFT model is also the "SFT alone" baseline of the results table.
 
 Why a module of its own: train.py is the RL loop; building a tokenizer and running supervised training would double
 its length, and the SFT phase is cached (keyed by a hash of its settings), so a second run skips it entirely.
@@ -14,6 +14,8 @@ Choices:
  3. The from-scratch tokenizer is a byte-level BPE with digits split one by one and spaces as tokens of their own,
     so a name or a number is the same token sequence wherever it appears: copying a value from the query or an
     earlier observation into an argument — the skill multi-step tool use needs most — is then plain copying.
+ 4. Micro-batches under --token-budget (batching.Microbatches); with --cpu-speed the prompt every demonstration
+    shares runs once per micro-batch (cpu_speed.SharedPromptMicrobatches), counted once in the budget.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ import torch
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from batching import collate, pack_microbatches, predictors, shared_prefix_len, token_logprobs
+import cpu_speed
+from batching import Microbatches, collate, predictors, token_logprobs
 from checkpoint import provenance, source_hash
-from model import (ModelConfig, Tokenizer, Transformer, add_lora, forward_with_prefix, load_pretrained,
-                   save_pretrained, store_frozen_weights_in)
+from hf import Tokenizer, load_pretrained, save_pretrained
+from model import ModelConfig, Transformer, add_lora, store_frozen_weights_in
 from rollout import TEMPLATES, ScriptedPolicy, rollout, system_prompt
 from tools import Environment, Expert, FaultConfig, expert_episode
 
@@ -68,7 +71,10 @@ def corpus(env, tasks, template: str, schema_format: str = "compact"):
 # The code a warm start is a function of: the model, the SFT loop and what makes the demonstrations (rollout, tools).
 # Its hash is part of the cache key, so a change to any of these files trains a new warm start instead of silently
 # reusing one trained by other code (the SmolLM2 results of 2026-11-26 stood on such a stale cache; README).
-WARM_START_CODE = ["sft.py", "model.py", "batching.py", "rollout.py", "tools", "gguf_import.py"]
+# The judge (tools/judge.py) is not on this path: a judge fix re-evaluates a warm start (evaluation.py keys its cache
+# on the judge) but does not retrain it.
+WARM_START_CODE = ["sft.py", "model.py", "hf.py", "cpu_speed.py", "batching.py", "rollout.py", "gguf_import.py",
+                   "tools/actions.py", "tools/apis.py", "tools/tasks.py", "tools/world.py"]
 
 
 def sft_hash(cfg, suite) -> str:
@@ -126,6 +132,8 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
         torch.manual_seed(cfg.sft_seed)
         model = Transformer(config).to(device=device)
     model.checkpoint_layers = cfg.checkpoint_layers
+    if cfg.cpu_speed:                     # the shared prompt once per micro-batch (cpu_speed.py)
+        cpu_speed.apply(model)
     # Expert demonstrations, through the same rollout loop and tokenisation as RL.
     episodes = []
     for i in range(0, len(tasks), 256):
@@ -145,9 +153,8 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
     """Token-mean cross-entropy on action tokens, AdamW (β2 0.95), linear warm-up, then a cosine decay to zero
     (`--sft-schedule cosine`, the from-scratch model) or a constant rate (`constant`: a pretrained model with LoRA
     learns the format in a few dozen steps; with the cosine schedule at 5e-4 it was still at loss 1.49 after 40)."""
-    prompts = [ep.token_ids[:ep.step_id.count(-1)] for ep in episodes]
-    prefix_len = shared_prefix_len(prompts) if cfg.rollout.shared_prefix else 0
-    lengths = [len(ep.token_ids) - prefix_len for ep in episodes]     # what a forward processes per row
+    plan = (cpu_speed.SharedPromptMicrobatches if cfg.cpu_speed else Microbatches).of_episodes(
+        episodes, cfg.ppo.token_budget)                # rows -> micro-batches under the token budget
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=0.0, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.sft_seed)
@@ -169,11 +176,11 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
             idx = order[b * cfg.sft_batch:(b + 1) * cfg.sft_batch]
             n_action = sum(sum(episodes[i].action_mask) for i in idx)
             loss_sum = 0.0
-            for mb in pack_microbatches([lengths[i] for i in idx], cfg.ppo.token_budget):
-                batch = collate([episodes[idx[j]] for j in mb], pad_id, device)
+            for rows, _, _, _ in plan(idx):
+                batch = collate([episodes[i] for i in rows], pad_id, device)
                 ids, am = batch["input_ids"], batch["action_mask"]
-                with autocast:      # the shared prompt once; the LM head only where it predicts an action token
-                    logits, _ = forward_with_prefix(model, ids, batch["attention_mask"], prefix_len, predictors(am))
+                with autocast, plan.forwards():      # the LM head only where it predicts an action token
+                    logits = model(ids, batch["attention_mask"], logits_to_keep=predictors(am))
                 logp = token_logprobs(logits, ids, targets=am)                                 # (b, T)
                 loss = -(logp * am).sum() / n_action
                 loss.backward()
@@ -188,3 +195,15 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
         log(f"SFT epoch {epoch + 1}/{cfg.sft_epochs}: loss {float(loss_sum):.4f}")
     bar.close()
     return [round(float(x), 5) for x in losses]
+
+
+def warm_start_provenance(warm_start_dir: str) -> dict | None:
+    """The warm start a run stands on: its cache key and what trained it (sft.py's provenance.json: commit, dirty
+    tree, torch, threads, date, losses); None for --model as it is."""
+    if not warm_start_dir:
+        return None
+    path = os.path.join(warm_start_dir, "provenance.json")
+    if not os.path.exists(path):                     # a warm start cached before provenance was recorded
+        return {"key": os.path.basename(warm_start_dir).removeprefix("sft-"), "commit": None}
+    with open(path) as f:
+        return json.load(f)

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import distributed  # noqa: E402
 from model import ModelConfig, PolicyWithValue, Transformer, ValueHead, add_lora, lora_disabled  # noqa: E402
 from batching import collate, token_logprobs  # noqa: E402
+from advantages import AdvantageConfig  # noqa: E402
 from ppo import PPOConfig, ppo_update  # noqa: E402
 from rollout import Episode, Step  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -71,7 +72,7 @@ def main():
     if reference is not None and d.fsdp:
         distributed.shard_reference(reference, d)
 
-    def reference_logprobs(ids, mask, **speedups):     # the dense path: ppo reads only the action tokens
+    def reference_logprobs(ids, mask, targets=None):     # the dense path: ppo reads only the action tokens
         if reference is None:
             with lora_disabled(model):
                 return token_logprobs(model(ids, attention_mask=mask), ids)
@@ -80,9 +81,9 @@ def main():
     # SGD, not Adam: Adam would hide a wrongly scaled gradient (its step is invariant to the scale)
     optimizer = torch.optim.SGD([q for q in policy.parameters() if q.requires_grad], lr=0.5, momentum=0.9)
     batch = collate(distributed.shard(synthetic_episodes(args.episodes), d), pad_id=0)
-    cfg = PPOConfig(ppo_epochs=2, minibatches=1, token_budget=48, kl_coef=0.1)   # 48: several micro-batches
-    stats = ppo_update(wrapped, optimizer, batch, cfg, reference_logprobs_fn=reference_logprobs,
-                       generator=torch.Generator().manual_seed(0))
+    cfg = PPOConfig(ppo_epochs=2, minibatches=1, token_budget=48)   # 48: several micro-batches
+    stats = ppo_update(wrapped, optimizer, batch, cfg, AdvantageConfig(kl_coef=0.1),
+                       reference_logprobs_fn=reference_logprobs, generator=torch.Generator().manual_seed(0))
     state = distributed.full_state(policy, None, d)[0] if d.fsdp and d.world > 1 else policy.state_dict()
     if d.main:
         os.makedirs(args.out, exist_ok=True)

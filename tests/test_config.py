@@ -44,7 +44,7 @@ def test_parse_config_with_no_flags_equals_config_field_by_field():
 
 def test_the_default_run_has_the_tuned_values_in_the_dataclass_defaults():
     cfg = Config()
-    assert (cfg.ppo.ppo_epochs, cfg.rollout.temperature, cfg.ppo.kl_coef) == (2, 0.7, 0.1)
+    assert (cfg.ppo.ppo_epochs, cfg.rollout.temperature, cfg.advantages.kl_coef) == (2, 0.7, 0.1)
 
 
 def test_every_field_has_a_docstring_and_help_lists_it_with_its_docstring():
@@ -69,7 +69,7 @@ def test_presets_name_only_fields_and_help_shows_the_presets_values():
 
 def test_flags_override_the_preset_and_booleans_have_a_no_form():
     cfg = parse_config(["--preset", "smoke", "--temperature", "0.3", "--no-whiten", "--seed", "5"])
-    assert (cfg.rollout.temperature, cfg.ppo.whiten, cfg.seed, cfg.iters) == (0.3, False, 5, 2)
+    assert (cfg.rollout.temperature, cfg.advantages.whiten, cfg.seed, cfg.iters) == (0.3, False, 5, 2)
 
 
 def test_every_flag_of_before_the_one_field_change_still_exists():

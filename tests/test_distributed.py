@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import distributed
-from model import load_pretrained
+from hf import load_pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "distributed_worker.py")

@@ -1,4 +1,5 @@
-"""model.py against transformers (the reference) on tiny random configs, plus cache, sampling, LoRA and file errors.
+"""model.py and hf.py (checkpoint files, tokenizer) against transformers (the reference) on tiny random configs, plus
+cache, sampling, LoRA and file errors.
 
 transformers is used only here. Each tiny model: hidden 64, 2 layers, vocab 256.
 """
@@ -10,6 +11,7 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
 
+import hf as H
 import model as M
 from helpers import generate
 
@@ -17,14 +19,14 @@ V = 256
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_tokenizer() -> M.Tokenizer:
+def tiny_tokenizer() -> H.Tokenizer:
     """A WordLevel tokenizer over words t0..t249 plus <s>, </s>, <pad>, <eot>, <unk>."""
     vocab = {f"t{i}": i for i in range(250)}
     vocab.update({"<s>": 250, "</s>": 251, "<pad>": 252, "<eot>": 253, "<unk>": 254})
     hf = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf.add_special_tokens(["<s>", "</s>", "<pad>", "<eot>"])
-    return M.Tokenizer(hf, bos_id=250, eos_id=251, pad_id=252)
+    return H.Tokenizer(hf, bos_id=250, eos_id=251, pad_id=252)
 
 
 HF_CONFIGS = {   # name -> (config class, kwargs)
@@ -91,7 +93,7 @@ IDS = torch.randint(0, 250, (3, 12), generator=torch.Generator().manual_seed(1))
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_logits_and_greedy_continuation_match_transformers(name, tmp_path):
     hf = hf_checkpoint(name, tmp_path)
-    ours, tok = M.load_pretrained(str(tmp_path))
+    ours, tok = H.load_pretrained(str(tmp_path))
     with torch.no_grad():
         assert rel_err(ours(IDS), hf(IDS).logits) <= 1e-5
         prompt = IDS[0].tolist()
@@ -108,7 +110,7 @@ def test_our_save_loads_in_transformers_with_the_same_logits(kw, tmp_path):
         for n, p in ours.named_parameters():
             if n.endswith("bias"):
                 p.normal_()
-    M.save_pretrained(ours, tiny_tokenizer(), str(tmp_path))
+    H.save_pretrained(ours, tiny_tokenizer(), str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors",
                                             "tokenizer.json", "tokenizer_config.json"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
@@ -122,7 +124,7 @@ def test_llama3_rope_config_saved_by_us_gives_the_same_logits_in_transformers(tm
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
     ours = our_model(rope_theta=500000.0, rope_scaling=scaling)
-    M.save_pretrained(ours, tiny_tokenizer(), str(tmp_path))
+    H.save_pretrained(ours, tiny_tokenizer(), str(tmp_path))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     with torch.no_grad():
         assert rel_err(hf(IDS).logits, ours(IDS)) <= 1e-5
@@ -132,15 +134,15 @@ def test_a_sharded_transformers_checkpoint_loads_with_the_same_logits(tmp_path):
     hf = hf_checkpoint("llama_untied_gqa_llama3_rope", tmp_path, max_shard_size="40KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 1
-    ours, _ = M.load_pretrained(str(tmp_path))
+    ours, _ = H.load_pretrained(str(tmp_path))
     with torch.no_grad():
         assert rel_err(ours(IDS), hf(IDS).logits) <= 1e-5
-    half, _ = M.load_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    half, _ = H.load_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
     shard = sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[-1]
     os.remove(tmp_path / shard)
     with pytest.raises(FileNotFoundError, match=f"{shard} not found \\(listed in the index\\)"):
-        M.load_pretrained(str(tmp_path))
+        H.load_pretrained(str(tmp_path))
 
 
 def test_a_transformers_4_config_with_rope_theta_and_rope_scaling_loads_with_the_same_logits(tmp_path):
@@ -149,7 +151,7 @@ def test_a_transformers_4_config_with_rope_theta_and_rope_scaling_loads_with_the
     rope = cfg.pop("rope_parameters")
     cfg.update(rope_theta=rope["rope_theta"], rope_scaling={"type": "linear", "factor": rope["factor"]})
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    ours, _ = M.load_pretrained(str(tmp_path))
+    ours, _ = H.load_pretrained(str(tmp_path))
     assert ours.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
     with torch.no_grad():
         assert rel_err(ours(IDS), hf(IDS).logits) <= 1e-5
@@ -158,10 +160,10 @@ def test_a_transformers_4_config_with_rope_theta_and_rope_scaling_loads_with_the
 def test_rope_parameters_and_rope_theta_configs_read_the_same():
     base = dict(model_type="llama", vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4)
-    v5 = M.ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
-    v4 = M.ModelConfig.from_hf({**base, "rope_theta": 5e5, "rope_scaling": None})
+    v5 = H.config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}})
+    v4 = H.config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": None})
     assert v5 == v4 and v5.rope_theta == 5e5 and v5.rope_scaling is None
-    assert M.ModelConfig.from_hf(v5.to_hf()) == v5
+    assert H.config_from_hf(H.config_to_hf(v5)) == v5
 
 
 # ---------------------------------------------------------------------------------------- forward / masks
@@ -349,7 +351,7 @@ def test_lora_is_merged_into_the_weights_on_save(tmp_path):
     model, _ = lora_model()
     with torch.no_grad():
         adapted = model(IDS)
-    M.save_pretrained(model, tiny_tokenizer(), str(tmp_path / "full"))
+    H.save_pretrained(model, tiny_tokenizer(), str(tmp_path / "full"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "full")).eval()
     with torch.no_grad():
         assert rel_err(hf(IDS).logits, adapted) <= 1e-4   # float32 rounding of W + ΔW (measured 1.04e-5 here)
@@ -364,8 +366,8 @@ def test_a_from_scratch_model_with_its_own_tokenizer_saves_and_loads_like_any_ch
     model = M.Transformer(cfg)
     assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 5e6
     assert abs(model.model.layers[0].mlp.up_proj.weight.std().item() - 0.02) < 2e-3
-    M.save_pretrained(model, tok, str(tmp_path))
-    loaded, tok2 = M.load_pretrained(str(tmp_path))
+    H.save_pretrained(model, tok, str(tmp_path))
+    loaded, tok2 = H.load_pretrained(str(tmp_path))
     torch.testing.assert_close(loaded(IDS % 250), model(IDS % 250))
     assert (tok2.bos_id, tok2.eos_id, tok2.pad_id, tok2.eos_ids) == (250, 251, 252, [251])
     assert tok2.encode("t1 t2 <eot>") == [1, 2, 253] and tok2.decode([1, 253]) == "t1 <eot>"
@@ -375,32 +377,32 @@ def test_tokenizer_ids_come_from_all_three_config_files(tmp_path):
     tiny_tokenizer().save(str(tmp_path))
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<eot>"}}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [251, 253], "bos_token_id": 250}))
-    tok = M.Tokenizer.from_dir(str(tmp_path), {"eos_token_id": 251})
+    tok = H.Tokenizer.from_dir(str(tmp_path), {"eos_token_id": 251})
     assert (tok.bos_id, tok.eos_id, tok.eos_ids, tok.pad_id) == (250, 253, [253, 251], 253)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.fixture
 def ckpt(tmp_path):
-    M.save_pretrained(our_model(), tiny_tokenizer(), str(tmp_path))
+    H.save_pretrained(our_model(), tiny_tokenizer(), str(tmp_path))
     return tmp_path
 
 
 def test_missing_directory_config_or_weights_are_named(ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such model directory"):
-        M.load_pretrained(str(tmp_path / "nope"))
+        H.load_pretrained(str(tmp_path / "nope"))
     (ckpt / "tokenizer.json").rename(ckpt / "tok.json")
     with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
-        M.load_pretrained(str(ckpt))
+        H.load_pretrained(str(ckpt))
     os.remove(ckpt / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors or model.safetensors.index.json"):
-        M.load_pretrained(str(ckpt))
+        H.load_pretrained(str(ckpt))
     os.remove(ckpt / "config.json")
     with pytest.raises(FileNotFoundError, match="config.json not found"):
-        M.load_pretrained(str(ckpt))
+        H.load_pretrained(str(ckpt))
     (ckpt / "config.json").write_text("{oops")
     with pytest.raises(ValueError, match="config.json: invalid JSON"):
-        M.load_pretrained(str(ckpt))
+        H.load_pretrained(str(ckpt))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -414,13 +416,13 @@ def test_unsupported_configs_are_refused_by_name(ckpt, change, message):
     cfg = json.loads((ckpt / "config.json").read_text())
     (ckpt / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(ValueError, match=message):
-        M.load_pretrained(str(ckpt))
+        H.load_pretrained(str(ckpt))
 
 
 def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
-    M.save_pretrained(our_model(vocab_size=250), tiny_tokenizer(), str(tmp_path))
+    H.save_pretrained(our_model(vocab_size=250), tiny_tokenizer(), str(tmp_path))
     with pytest.raises(ValueError, match="tokenizer has 255 tokens but the model only 250"):
-        M.load_pretrained(str(tmp_path))
+        H.load_pretrained(str(tmp_path))
 
 
 def test_a_tensor_of_the_wrong_shape_missing_or_unexpected_keys_are_named(ckpt):
@@ -429,20 +431,20 @@ def test_a_tensor_of_the_wrong_shape_missing_or_unexpected_keys_are_named(ckpt):
     bad = {**state, "model.norm.weight": torch.ones(63)}
     save_file(bad, ckpt / "model.safetensors")
     with pytest.raises(ValueError, match=r"model.norm.weight has shape \(63,\), expected \(64,\)"):
-        M.load_pretrained(str(ckpt))
+        H.load_pretrained(str(ckpt))
     save_file({k: v for k, v in state.items() if k != "model.norm.weight"}, ckpt / "model.safetensors")
     with pytest.raises(ValueError, match="missing weights model.norm.weight"):
-        M.load_pretrained(str(ckpt))
+        H.load_pretrained(str(ckpt))
     save_file({**state, "model.extra": torch.ones(1)}, ckpt / "model.safetensors")
     with pytest.raises(ValueError, match="unexpected tensor model.extra"):
-        M.load_pretrained(str(ckpt))
+        H.load_pretrained(str(ckpt))
 
 
 def test_a_truncated_safetensors_file_is_named(ckpt):
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors: corrupt or truncated safetensors file"):
-        M.load_pretrained(str(ckpt))
+        H.load_pretrained(str(ckpt))
 
 
 def test_lora_adapters_are_drawn_from_their_seed_not_from_the_global_rng():

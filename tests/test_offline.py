@@ -8,6 +8,7 @@ import torch
 from batching import collate
 from model import ModelConfig, PolicyWithValue, Transformer, ValueHead
 from offline import load_offline, to_episode
+from advantages import AdvantageConfig
 from ppo import PPOConfig, ppo_update
 from sft import train_tokenizer
 
@@ -89,7 +90,8 @@ def test_one_ppo_iteration_trains_on_the_loaded_rows(tokenizer):
     policy = PolicyWithValue(model, ValueHead(32))
     before = [p.detach().clone() for p in policy.parameters()]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3)
-    stats = ppo_update(policy, optimizer, collate(episodes, tokenizer.pad_id), PPOConfig(ppo_epochs=1, minibatches=1))
+    stats = ppo_update(policy, optimizer, collate(episodes, tokenizer.pad_id), PPOConfig(ppo_epochs=1, minibatches=1),
+                       AdvantageConfig())
     assert stats["optimizer_steps"] == 1 and stats["skipped_steps"] == 0
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))

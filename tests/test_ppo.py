@@ -13,10 +13,24 @@ import torch.nn.functional as F
 import advantages
 import batching
 import ppo
-from ppo import PPOConfig
+from advantages import AdvantageConfig
+from ppo import MicroBatch, PPOConfig
 
 
 # ---------------------------------------------------------------- helpers (independent of the code under test)
+
+def configs(**kw):
+    """(PPOConfig, AdvantageConfig) from one set of keyword settings: each field name belongs to one of them."""
+    adv = {k: kw.pop(k) for k in list(kw) if k in AdvantageConfig.__dataclass_fields__}
+    return PPOConfig(**kw), AdvantageConfig(**adv)
+
+
+def micro_batch(old, adv, old_v, ret, mask, n, value_mask=None, n_values=None, ref=None):
+    """A MicroBatch for ppo_loss (token ids unused there); the value loss on the action tokens by default."""
+    n = torch.as_tensor(n)
+    return MicroBatch(None, None, mask, old, adv, ret, old_v, mask if value_mask is None else value_mask, ref, n,
+                      n if n_values is None else torch.as_tensor(n_values))
+
 
 def make_batch(episodes, step_rewards):
     """episodes: list of [(kind, tokens)] with kind in prompt|act|obs; step_rewards: list of per-step lists."""
@@ -60,7 +74,7 @@ class MockPolicy(nn.Module):
         self.emb, self.head, self.value = nn.Embedding(vocab, dim), nn.Linear(dim, vocab), nn.Linear(dim, 1)
         self.poison = False
 
-    def forward(self, input_ids, attention_mask, prefix_len=0, logits_at=None):
+    def forward(self, input_ids, attention_mask, logits_at=None):
         h = self.emb(input_ids)
         logits = self.head(h) * (float("nan") if self.poison else 1.0)
         return logits if logits_at is None else logits[logits_at], self.value(h).squeeze(-1)
@@ -123,7 +137,7 @@ def test_token_gae_skipping_observation_tokens_matches_gae_over_action_tokens_on
 def test_step_mode_reads_v_before_each_steps_first_action_token_and_spreads_advantages_over_its_tokens():
     b = make_batch([[("prompt", [1, 2]), ("act", [3, 4]), ("obs", [5]), ("act", [6, 7, 8])]], [[0.5, 1.0]])
     values = torch.arange(8, dtype=torch.float32).view(1, 8) / 10  # value at position p = p / 10
-    cfg = PPOConfig(whiten=False, gamma=0.9, lam=0.8)
+    cfg = AdvantageConfig(whiten=False, gamma=0.9, lam=0.8)
     adv, ret, _ = advantages.compute_advantages(b, values, torch.zeros(1, 8), None, cfg)
     v1, v2 = 0.1, 0.4  # V(s_1) at position 1 (last prompt token), V(s_2) at position 4 (the observation)
     a2 = 1.0 - v2
@@ -131,7 +145,7 @@ def test_step_mode_reads_v_before_each_steps_first_action_token_and_spreads_adva
     expected = torch.tensor([[0, 0, a1, a1, 0, a2, a2, a2]])
     torch.testing.assert_close(adv, expected)
     torch.testing.assert_close(ret, torch.tensor([[0, 0, a1 + v1, a1 + v1, 0, a2 + v2, a2 + v2, a2 + v2]]))
-    assert ppo.value_mask(b, cfg).tolist() == [[False, False, True, False, False, True, False, False]]
+    assert advantages.value_mask(b, cfg).tolist() == [[False, False, True, False, False, True, False, False]]
 
 
 def test_kl_penalty_in_step_mode_sums_the_kl_of_the_steps_action_tokens():
@@ -224,7 +238,7 @@ def test_ppo_loss_on_a_hand_computed_two_token_example():
     old_v, new_v = torch.tensor([[0.0, 0.5, 0.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.1, 0.0]])
     ret, ent = torch.tensor([[0.0, 1.0, 1.0, 0.0]]), torch.tensor([[0.0, 2.0, 1.0, 7.0]])
     cfg = PPOConfig(clip_eps=0.2, vf_clip=0.2, vf_coef=0.1, ent_coef=0.01)
-    loss, st = ppo.ppo_loss(new, old, adv, new_v, old_v, ret, ent, mask, cfg, torch.tensor(2.0))
+    loss, st = ppo.ppo_loss(new, new_v, ent, micro_batch(old, adv, old_v, ret, mask, 2.0), cfg)
     # token 1: max(−1·1.5, −1·1.2) = −1.2 (clipped); token 2: max(2·0.9, 2·0.9) = 1.8  -> (−1.2 + 1.8) / 2
     assert st["pg_loss"].item() == pytest.approx(0.3)
     # token 1: max((1−1)², (0.7−1)²) = 0.09 (value clipped to 0.5+0.2); token 2: (0.1−1)² = 0.81 -> ½·0.9/2
@@ -245,7 +259,7 @@ def test_with_ratio_one_and_no_clipping_the_gradient_is_the_policy_gradient_esti
     cfg = PPOConfig(clip_eps=1e9, vf_coef=0.0, ent_coef=0.0)
     zeros = torch.zeros(B, T)
     n = mask.sum()
-    loss, _ = ppo.ppo_loss(new, new.detach(), adv, zeros, zeros, zeros, zeros, mask, cfg, n)
+    loss, _ = ppo.ppo_loss(new, zeros, zeros, micro_batch(new.detach(), adv, zeros, zeros, mask, n), cfg)
     (g,) = torch.autograd.grad(loss, logits)
     logp = F.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # independent reference
     reference = -(adv[:, 1:] * logp * mask[:, 1:]).sum() / n  # −Σ Â·log π / N
@@ -262,13 +276,13 @@ def test_observation_prompt_and_padding_tokens_receive_exactly_zero_gradient(kl_
     # garbage where the masks say "ignore": must not leak into the loss or its gradient
     old = torch.where(b["action_mask"], torch.randn(B, T), 1e4)
     ref = torch.where(b["action_mask"], torch.randn(B, T), -1e4)
-    cfg = PPOConfig(ent_coef=0.1, kl_in_loss=kl_in_loss, kl_coef=0.5)
-    adv, ret, _ = advantages.compute_advantages(b, values.detach(), old, ref, cfg)
-    vm = ppo.value_mask(b, cfg)
+    cfg, adv_cfg = configs(ent_coef=0.1, kl_in_loss=kl_in_loss, kl_coef=0.5)
+    adv, ret, _ = advantages.compute_advantages(b, values.detach(), old, ref, adv_cfg)
+    vm = advantages.value_mask(b, adv_cfg)
     new, ent = batching.token_logprobs(logits, b["input_ids"], with_entropy=True)
     old_v = advantages.state_values(values.detach()) + 0.05
-    loss, _ = ppo.ppo_loss(new, old, adv, advantages.state_values(values), old_v, ret, ent, b["action_mask"], cfg,
-                           b["action_mask"].sum(), vm, vm.sum(), ref)
+    mb = micro_batch(old, adv, old_v, ret, b["action_mask"], b["action_mask"].sum(), vm, vm.sum(), ref)
+    loss, _ = ppo.ppo_loss(new, advantages.state_values(values), ent, mb, cfg, 0.5 if kl_in_loss else None)
     loss.backward()
     predicts_action = F.pad(b["action_mask"][:, 1:], (0, 1))  # logits at p predict token p+1
     assert logits.grad[~predicts_action].eq(0).all() and logits.grad[predicts_action].abs().sum() > 0
@@ -363,7 +377,8 @@ def test_ppo_update_raises_the_logprob_of_positive_advantage_actions():
     before = logprob_of(policy, 5) - logprob_of(policy, 6)
     cfg = PPOConfig(ppo_epochs=2, minibatches=2, token_budget=16)
     for _ in range(5):
-        stats = ppo.ppo_update(policy, opt, b, cfg, reference_logprobs_fn=lambda i, a, **kw: torch.zeros(i.shape))
+        stats = ppo.ppo_update(policy, opt, b, cfg, AdvantageConfig(),
+                               reference_logprobs_fn=lambda i, a, **kw: torch.zeros(i.shape))
     assert logprob_of(policy, 5) - logprob_of(policy, 6) > before + 1.0
     assert stats["skipped_steps"] == 0 and stats["optimizer_steps"] == 4
     for k in ("approx_kl", "clipfrac", "entropy", "v_loss", "pg_loss", "kl", "reward", "explained_variance",
@@ -379,8 +394,8 @@ def test_gradient_accumulation_over_microbatches_equals_one_big_batch(advantage)
     for budget in (8, 10_000):  # one row per micro-batch vs the whole mini-batch at once
         policy = MockPolicy(seed=7)
         opt = torch.optim.SGD(policy.parameters(), lr=0.1)
-        cfg = PPOConfig(ppo_epochs=1, minibatches=1, token_budget=budget, advantage=advantage, max_grad_norm=1e9)
-        ppo.ppo_update(policy, opt, b, cfg)
+        ppo.ppo_update(policy, opt, b, *configs(ppo_epochs=1, minibatches=1, token_budget=budget, advantage=advantage,
+                                                max_grad_norm=1e9))
         results.append(torch.cat([p.flatten() for p in policy.parameters()]))
     torch.testing.assert_close(results[0], results[1])
 
@@ -396,30 +411,9 @@ def test_the_padding_limit_changes_the_micro_batches_not_the_update():
         policy = MockPolicy(seed=7)
         opt = torch.optim.SGD(policy.parameters(), lr=0.1)
         cfg = PPOConfig(ppo_epochs=2, minibatches=2, token_budget=10_000, max_padding=limit, max_grad_norm=1e9)
-        padding.append(ppo.ppo_update(policy, opt, b, cfg)["padding_fraction"])
+        padding.append(ppo.ppo_update(policy, opt, b, cfg, AdvantageConfig())["padding_fraction"])
         results.append(torch.cat([p.flatten() for p in policy.parameters()]))
     assert padding[0] > 0.1 and padding[1] == 0.0
-    torch.testing.assert_close(results[0], results[1])
-
-
-def test_lengths_rounded_to_a_multiple_pad_the_micro_batches_and_leave_the_update_unchanged():
-    eps = [[("prompt", [1, 2, 3]), ("act", [5, 9] * (1 + i % 3)), ("obs", [10, 11] * (i % 2)), ("act", [4])]
-           for i in range(6)]
-    b = make_batch(eps, [[1.0, 0.0] if i % 2 == 0 else [0.0, 0.0] for i in range(6)])
-    width = b["input_ids"].shape[1]
-    results, padding = [], []
-    for multiple in (1, 4):
-        policy, cut_to = MockPolicy(seed=7), set()
-
-        def recording(ids, att, prefix_len=0, logits_at=None):
-            cut_to.add(ids.shape[1])
-            return policy(ids, att, prefix_len, logits_at)
-        cfg = PPOConfig(ppo_epochs=2, minibatches=2, token_budget=40, length_multiple=multiple, max_grad_norm=1e9)
-        padding.append(ppo.ppo_update(recording, torch.optim.SGD(policy.parameters(), lr=0.1), b, cfg)["padding_fraction"])
-        results.append(torch.cat([p.flatten() for p in policy.parameters()]))
-        if multiple > 1:
-            assert all(n % multiple == 0 or n == width for n in cut_to)
-    assert padding[1] > padding[0]                       # the rounding is counted as padding
     torch.testing.assert_close(results[0], results[1])
 
 
@@ -428,7 +422,7 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_the_parameters_unchanged():
     policy.poison = True
     before = copy.deepcopy(policy.state_dict())
     opt = torch.optim.AdamW(policy.parameters(), lr=0.1, weight_decay=0.1)
-    stats = ppo.ppo_update(policy, opt, b, PPOConfig(ppo_epochs=2, minibatches=2))
+    stats = ppo.ppo_update(policy, opt, b, PPOConfig(ppo_epochs=2, minibatches=2), AdvantageConfig())
     assert stats["skipped_steps"] == 4 == stats["optimizer_steps"]
     for k, v in policy.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -463,7 +457,7 @@ def test_an_update_through_two_identical_ranks_hooks_equals_the_one_process_upda
         policy = MockPolicy(seed=5)
         if dp is not None:
             policy.data_parallel = dp
-        stats = ppo.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.1), b, cfg)
+        stats = ppo.ppo_update(policy, torch.optim.SGD(policy.parameters(), lr=0.1), b, cfg, AdvantageConfig())
         results.append((torch.cat([p.detach().flatten() for p in policy.parameters()]), stats))
     torch.testing.assert_close(results[1][0], results[0][0])
     for k in ("loss", "pg_loss", "v_loss", "grad_norm", "kl", "reward", "explained_variance"):
@@ -475,16 +469,16 @@ def test_an_update_through_two_identical_ranks_hooks_equals_the_one_process_upda
 def parameter_change(dtype, tiny_gradients=False, loss_scaling=True, monkeypatch=None):
     policy, b = MockPolicy(seed=1), bandit_batch(4)
     before = torch.cat([p.detach().flatten().clone() for p in policy.parameters()])
-    cfg = PPOConfig(ppo_epochs=1, minibatches=1, max_grad_norm=1e9)
+    cfg = configs(ppo_epochs=1, minibatches=1, max_grad_norm=1e9)
     if tiny_gradients:  # V = 0 and rewards 1e-6, unwhitened: d loss / d logits ~ 1e-8, below float16's range
         torch.nn.init.zeros_(policy.value.weight), torch.nn.init.zeros_(policy.value.bias)
         b["step_rewards"] *= 1e-6
-        cfg = PPOConfig(ppo_epochs=1, minibatches=1, max_grad_norm=1e9, whiten=False, vf_coef=0.0)
+        cfg = configs(ppo_epochs=1, minibatches=1, max_grad_norm=1e9, whiten=False, vf_coef=0.0)
     if not loss_scaling:
         scaler = torch.amp.GradScaler
         monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scaler(device, enabled=False))
     opt = torch.optim.SGD(policy.parameters(), lr=1e6 if tiny_gradients else 0.1)
-    stats = ppo.ppo_update(policy, opt, b, cfg, autocast_dtype=dtype)
+    stats = ppo.ppo_update(policy, opt, b, *cfg, autocast_dtype=dtype)
     assert stats["skipped_steps"] == 0
     return torch.cat([p.detach().flatten() for p in policy.parameters()]) - before
 
@@ -505,12 +499,12 @@ def test_float16_scales_the_loss_so_small_gradients_survive_the_half_precision_b
 
 def test_kl_in_the_loss_and_sampling_logprobs_flags_run_and_the_same_seed_gives_the_same_update():
     b = bandit_batch(6)
-    cfg = PPOConfig(kl_in_loss=True, kl_coef=0.5, use_sampling_logprobs=True, ppo_epochs=2, minibatches=3)
+    cfg = configs(kl_in_loss=True, kl_coef=0.5, use_sampling_logprobs=True, ppo_epochs=2, minibatches=3)
     params = []
     for _ in range(2):
         policy = MockPolicy(seed=3)
         ref = lambda ids, att, **kw: torch.full(ids.shape, -2.0)  # noqa: E731
-        stats = ppo.ppo_update(policy, torch.optim.Adam(policy.parameters(), lr=0.01), b, cfg, ref)
+        stats = ppo.ppo_update(policy, torch.optim.Adam(policy.parameters(), lr=0.01), b, *cfg, ref)
         params.append(torch.cat([p.flatten() for p in policy.parameters()]))
     assert stats["kl_loss"] > 0 and stats["kl"] == pytest.approx(2.0)  # old (sampling) log-probs are 0
     assert torch.equal(params[0], params[1])
@@ -520,14 +514,14 @@ def test_with_sampling_logprobs_the_no_grad_pass_asks_the_policy_for_values_only
     b, logits_asked = bandit_batch(6), []
     policy = MockPolicy(seed=3)
 
-    def recording(ids, att, prefix_len=0, logits_at=None):
+    def recording(ids, att, logits_at=None):
         if not torch.is_grad_enabled():          # pass (1): π_old, V_old
             logits_asked.append(None if logits_at is None else int(logits_at.sum()))
-        return policy(ids, att, prefix_len, logits_at)
+        return policy(ids, att, logits_at)
     for sampling in (False, True):
         logits_asked.clear()
         cfg = PPOConfig(use_sampling_logprobs=sampling, action_logits_only=True)
-        ppo.ppo_update(recording, torch.optim.Adam(policy.parameters(), lr=0.01), b, cfg)
+        ppo.ppo_update(recording, torch.optim.Adam(policy.parameters(), lr=0.01), b, cfg, AdvantageConfig())
         assert logits_asked and all((n == 0) == sampling for n in logits_asked)  # sampling: no LM head in pass (1)
 
 
@@ -572,8 +566,8 @@ def test_the_share_of_zero_advantage_tokens_counts_the_steps_whose_state_group_h
     b["episode_group"] = torch.zeros(6, dtype=torch.long)
     b["state_id"] = torch.tensor([[0, 1 if i % 2 == 0 else 2] for i in range(6)])      # the second state: which action
     zeros = torch.zeros(b["input_ids"].shape)
-    _, _, group_stats = advantages.compute_advantages(b, zeros, zeros, None, PPOConfig(advantage="step-group"))
-    _, _, gae_stats = advantages.compute_advantages(b, torch.rand(zeros.shape), zeros, None, PPOConfig())
+    _, _, group_stats = advantages.compute_advantages(b, zeros, zeros, None, AdvantageConfig(advantage="step-group"))
+    _, _, gae_stats = advantages.compute_advantages(b, torch.rand(zeros.shape), zeros, None, AdvantageConfig())
     assert group_stats["zero_advantage"].item() == pytest.approx(1 / 3)
     assert gae_stats["zero_advantage"].item() == 0.0
 
@@ -581,8 +575,9 @@ def test_the_share_of_zero_advantage_tokens_counts_the_steps_whose_state_group_h
 def test_without_value_clipping_the_value_loss_is_half_the_squared_error_and_with_it_the_clipped_max():
     new_v, old_v, ret = torch.tensor([[0.0, 3.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, 4.0]])
     zero, mask = torch.zeros(1, 2), torch.tensor([[False, True]])
-    plain = ppo.ppo_loss(zero, zero, zero, new_v, old_v, ret, zero, mask, PPOConfig(vf_clip=0.0), 1.0)[1]["v_loss"]
-    clipped = ppo.ppo_loss(zero, zero, zero, new_v, old_v, ret, zero, mask, PPOConfig(vf_clip=0.2), 1.0)[1]["v_loss"]
+    mb = micro_batch(zero, zero, old_v, ret, mask, 1.0)
+    plain = ppo.ppo_loss(zero, new_v, zero, mb, PPOConfig(vf_clip=0.0))[1]["v_loss"]
+    clipped = ppo.ppo_loss(zero, new_v, zero, mb, PPOConfig(vf_clip=0.2))[1]["v_loss"]
     assert plain.item() == pytest.approx(0.5 * (3 - 4) ** 2)                  # ½ (V − G)²
     assert clipped.item() == pytest.approx(0.5 * (0.2 - 4) ** 2)              # ½ max((V−G)², (V_old+0.2−G)²)
 
@@ -595,7 +590,7 @@ class LoudCriticPolicy(MockPolicy):
         super().__init__(**kw)
         self.grad_scale = grad_scale
 
-    def forward(self, input_ids, attention_mask, prefix_len=0, logits_at=None):
+    def forward(self, input_ids, attention_mask, logits_at=None):
         h = self.emb(input_ids)
         logits, v = self.head(h), self.value(h.detach()).squeeze(-1)
         v = v * self.grad_scale - v.detach() * (self.grad_scale - 1)          # same value, scaled gradient
@@ -611,7 +606,8 @@ def test_a_huge_critic_gradient_does_not_shrink_the_policy_step_each_group_is_cl
         critic = [p for n, p in policy.named_parameters() if n.startswith("value.")]
         before = [p.detach().clone() for p in actor]
         opt = torch.optim.SGD([{"params": actor, "lr": 0.1}, {"params": critic, "lr": 0.1}])
-        ppo.ppo_update(policy, opt, b, PPOConfig(ppo_epochs=1, minibatches=1, vf_coef=1.0, max_grad_norm=0.5))
+        ppo.ppo_update(policy, opt, b, PPOConfig(ppo_epochs=1, minibatches=1, vf_coef=1.0, max_grad_norm=0.5),
+                       AdvantageConfig())
         steps.append(torch.cat([(p.detach() - q).flatten() for p, q in zip(actor, before)]))
     assert steps[0].abs().max() > 0
     torch.testing.assert_close(steps[1], steps[0], rtol=1e-3, atol=1e-6)   # one global clip would shrink it ~10^4x
