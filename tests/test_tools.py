@@ -283,16 +283,16 @@ def test_splits_share_no_entity_template_pair_and_two_entity_pairs_are_unseen_in
 # The answer checker
 
 
-def task_with(facts):
-    return Task("t", 1, "test", "q", [], "", facts, [], [])
+def task_with(facts, query="What is it?"):
+    return Task("t", 1, "test", query, [], "", facts, [], [])
 
 
 @pytest.mark.parametrize("answer, facts, expected", [
     ("It is 18.5 C in Lorvik.", [18.5], SOLVED),                # units after the number
     ("18.5", [18.5], SOLVED),                                   # the bare number
     ("Roughly 18.5 degrees Celsius, I believe.", [18.5], SOLVED),   # extra words
-    ("It costs 2017.44 DUQ.", [2017.436], SOLVED),              # rounding within tolerance
-    ("It costs 2018.4 DUQ.", [2017.436], UNSOLVED),             # ... but not beyond it
+    ("It costs 2017.44 in that currency.", [2017.436], SOLVED),  # rounding within tolerance
+    ("It costs 2018.4 in that currency.", [2017.436], UNSOLVED),  # ... but not beyond it
     ("Lorvik has 482,310 inhabitants.", [482310], SOLVED),      # thousands separators
     ("Lorvik has 482310.", [482310], SOLVED),                   # trailing period
     ("Lorvik has 4823100 inhabitants.", [482310], UNSOLVED),    # the right digits inside a wrong number

@@ -18,6 +18,11 @@ globally unique names, so splits are entity-disjoint down to every entity a refe
 from the union. val (150) and test (540) are fixed lists of unique tasks, a third per group; sft and train are drawn
 with replacement from their own worlds. Every task shows all 14 tools in one fixed order.
 
+Every task records, when it is built, what judging and rewarding need without an environment: its entities, the
+values its reference chain takes and returns (the real tools' responses), and the argument values its type fixes.
+
+The judge, check_answer, is tools/judge.py: an answer is Solved only when it commits to every fact.
+
 Deterministic; tens of thousands of tasks per second; the large suite builds in milliseconds.
 """
 from __future__ import annotations
@@ -27,11 +32,10 @@ import hashlib
 import itertools
 import json
 import random
-import re
 from dataclasses import asdict, dataclass
 
 from .actions import format_action, parse_action
-from .apis import SCHEMAS, Environment, FaultConfig, calculate, convert
+from .apis import SCHEMAS, Environment, FaultConfig, calculate, convert, implementations
 from .world import WORLD, WORLD_SEED, World
 
 SOLVED, UNSURE, UNSOLVED = 1.0, 0.5, 0.0
@@ -49,6 +53,13 @@ class Task:
     relevant_tools: list
     reference_chain: list          # [(tool, args)] with the ground-truth arguments
     kind: str = ""
+    # Recorded by build_task, so that judging and rewarding need no environment (hand-built and ToolBench tasks
+    # keep the empty defaults: no chain to record):
+    entities: tuple = ()           # the entity tuple the task is about; statistics cluster tasks by (kind, entities)
+    chain_values: tuple = ()       # every leaf the reference chain takes (arguments) or returns (the real tools'
+    #                                responses, no faults): the values an answer may mention besides the facts
+    constants: tuple = ()          # argument values the task type fixes whatever its entities (base "USD" of
+    #                                get_exchange_rate, "C"/"F" of convert_units): no call learns them
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -202,8 +213,37 @@ def build_task(world, kind: str, entities: tuple, template: int, task_id: str, s
     group, _, builder = TASK_TYPES[kind]
     templates, chain, facts, answer, _ = builder(world, *entities)
     relevant = list(dict.fromkeys(tool for tool, _ in chain))
+    answer_from = _implementations(world)
+    values = [leaf for tool, args in chain for leaf in (*_scalars(args), *_scalars(answer_from[tool](**args)))]
+    constants = [chain[i][1][key] for i, key in sorted(_fixed_arguments(kind))]
     return Task(task_id, group, split, templates[template].format(*entities), show_tools(relevant), answer, facts,
-                relevant, chain, kind)
+                relevant, chain, kind, tuple(entities), tuple(dict.fromkeys(values)), tuple(constants))
+
+
+def _scalars(value) -> list:
+    """Every scalar inside a JSON value, in order."""
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _scalars(v)]
+    if isinstance(value, list):
+        return [x for v in value for x in _scalars(v)]
+    return [value]
+
+
+@functools.lru_cache(maxsize=None)
+def _implementations(world) -> dict:
+    """The real tools answering from `world` (one set per world, built once)."""
+    return implementations(world)
+
+
+@functools.lru_cache(maxsize=None)
+def _fixed_arguments(kind: str) -> frozenset:
+    """(call index, argument name) of the reference-chain arguments whose value is the same in every task of type
+    `kind` (over WORLD's entities): values the task type fixes, not values an earlier call supplies. USD is one,
+    although get_stock_quote happens to return it before get_exchange_rate takes it."""
+    builder = TASK_TYPES[kind][2]
+    chains = [builder(WORLD, *entities)[1] for entities in combinations(WORLD, kind)]
+    return frozenset((i, key) for i, (_, args) in enumerate(chains[0]) for key, value in args.items()
+                     if all(chain[i][1][key] == value for chain in chains))
 
 
 def split_of(kind: str, entities: tuple, template: int) -> str:
@@ -446,38 +486,7 @@ def final_answer_of(history: list) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Answer checking
-
-
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w])")
-_ARTICLES = re.compile(r"\b(the|a|an)\b")
-
-
-def _numbers(text: str) -> list[float]:
-    return [float(m.group(0).replace(",", "")) for m in _NUMBER.finditer(text)]
-
-
-def _normalise(text: str) -> str:
-    text = re.sub(r"[^\w\s]", " ", text.lower())
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def fact_present(fact, answer: str) -> bool:
-    """Numbers: a whole number in the answer within tolerance (integers exact; decimals ±0.011 + 0.01%).
-    Strings: the normalised fact as whole words of the normalised answer."""
-    if isinstance(fact, (int, float)) and not isinstance(fact, bool):
-        tol = 0.5 if isinstance(fact, int) else 0.011 + 1e-4 * abs(fact)
-        return any(abs(x - fact) <= tol for x in _numbers(answer))
-    return f" {_normalise(str(fact))} " in f" {_normalise(answer)} "
-
-
-def check_answer(final_answer: str, task: Task) -> float:
-    """IsSolved: SOLVED if every fact is present, UNSURE if some are (or the task has no facts to judge),
-    UNSOLVED if none."""
-    if not task.facts:
-        return UNSURE
-    present = [fact_present(f, final_answer or "") for f in task.facts]
-    return SOLVED if all(present) else UNSURE if any(present) else UNSOLVED
+# Tool recall and the suite fingerprint
 
 
 def relevant_tool_recall(called_tools, task: Task) -> float:

@@ -21,6 +21,8 @@ FIRST_NAMES = ["Ada", "Boris", "Clara", "Dmitri", "Elena", "Felix", "Greta", "Hu
 CONDITIONS = ["sunny", "cloudy", "rain", "snow", "fog", "windy"]
 CONTINENTS = ["Europe", "Asia", "Africa", "Oceania", "America"]
 PROFESSIONS = ["director", "writer", "actor", "composer", "painter"]
+FILM_ENDINGS = ["Road", "Night", "Sea", "Song"]            # "Kalo Road": the second word of half the film titles
+COMPANY_ENDINGS = ["Corp", "Labs", "Group"]                 # "Kalo Corp"
 
 
 @dataclass(frozen=True)
@@ -108,11 +110,11 @@ class World:
         person_names = sorted(self.people)
         self.films: dict[str, Film] = {}
         for _ in range(n_films):
-            title = f"The {word(2)}" if rng.random() < 0.5 else f"{word(2)} {rng.choice(['Road', 'Night', 'Sea', 'Song'])}"
+            title = f"The {word(2)}" if rng.random() < 0.5 else f"{word(2)} {rng.choice(FILM_ENDINGS)}"
             self.films[title] = Film(title, rng.choice(person_names), rng.randint(1970, 2023), round(rng.uniform(4, 9.5), 1))
         self.companies: dict[str, Company] = {}
         for _ in range(n_companies):
-            name = word(2) + rng.choice([" Corp", " Labs", " Group"])
+            name = f"{word(2)} {rng.choice(COMPANY_ENDINGS)}"
             ticker = name[:3].upper() + rng.choice("XYZ")
             while ticker in used:
                 ticker = ticker[:3] + rng.choice("ABCDEFGHJK")
