@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from advantages import AdvantageConfig
 from ppo import PPOConfig
-from rewards import CONTRIBUTIONS, REWARDS, RewardConfig
+from rewards import CONTRIBUTIONS, REWARDS, SUCC_CALLING, RewardConfig
 from rollout import RolloutConfig
 from tools.tasks import SUITES
 
@@ -244,6 +244,8 @@ def validate(cfg: Config):
         (0 <= cfg.fault_rate <= 1, f"--fault-rate must be in [0, 1] (got {cfg.fault_rate})"),
         (0 <= cfg.sft_fault_rate <= 1, f"--sft-fault-rate must be in [0, 1] (got {cfg.sft_fault_rate})"),
         (cfg.reward in REWARDS, f"--reward must be one of {sorted(REWARDS)} (got {cfg.reward!r})"),
+        (cfg.rewards.succ_calling in SUCC_CALLING,
+         f"--succ-calling must be one of {sorted(SUCC_CALLING)} (got {cfg.rewards.succ_calling!r})"),
         (cfg.rewards.contribution in CONTRIBUTIONS,
          f"--contribution must be one of {sorted(CONTRIBUTIONS)} (got {cfg.rewards.contribution!r})"),
         (cfg.advantages.advantage in ("step", "token", "step-group"),

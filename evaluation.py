@@ -23,6 +23,7 @@ import cpu_speed
 import distributed
 from config import Config, uses_lora
 from rollout import ModelPolicy, episode_metrics, evaluate, results_table
+from stats import mcnemar_exact, paired_counts
 from tools import load_toolbench
 
 
@@ -100,3 +101,21 @@ def evaluate_only(cfg: Config, model, tokenizer, env, test_tasks, d, say) -> dic
         f"hit a fault, {metrics['all']['retry_after_fault']:.1%} of those were retried")
     return {"test": metrics, "judged_pass_rate": passed, "judged": len(judged),
             "unjudged": len(episodes) - len(judged)}
+
+
+def paired_table(name: str, sft_outcomes: dict, outcomes: dict, groups: dict) -> str:
+    """SFT vs the trained policy on the same test tasks, per group and overall: pass rates (Solved fraction), the
+    tasks the policy gained and lost against SFT (solved by one only), and the exact two-sided McNemar p of those
+    counts (under "no difference" each discordant task is a fair coin)."""
+    names = sorted(set(groups.values())) + ["all"]
+    cols = {g: [t for t in outcomes if g == "all" or groups[t] == g] for g in names}
+    rate = lambda o, ids: sum(o[t] == 1 for t in ids) / max(len(ids), 1)  # noqa: E731
+    counts = {g: paired_counts({t: outcomes[t] for t in ids}, {t: sft_outcomes[t] for t in ids})
+              for g, ids in cols.items()}
+    rows = [("tasks", [str(len(cols[g])) for g in names]),
+            ("SFT pass", [f"{rate(sft_outcomes, cols[g]):.3f}" for g in names]),
+            (f"{name} pass", [f"{rate(outcomes, cols[g]):.3f}" for g in names]),
+            (f"gained / lost by {name}", [f"{counts[g][0]} / {counts[g][1]}" for g in names]),
+            ("McNemar p (exact)", [f"{mcnemar_exact(*counts[g]):.3g}" for g in names])]
+    head = "| | " + " | ".join(f"G{g}" if g != "all" else g for g in names) + " |"
+    return "\n".join([head, "|---" * (len(names) + 1) + "|"] + [f"| {r} | " + " | ".join(c) + " |" for r, c in rows])

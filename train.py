@@ -44,16 +44,16 @@ import cpu_speed
 import distributed
 from batching import Microbatches, collate, predictors, token_logprobs
 from config import Config, parse_config, uses_lora  # noqa: F401 (parse_config re-exported: train.parse_config)
-from evaluation import (evaluate_only, evaluate_split, evaluate_warm_start, outcomes_of, rollout_policy,
-                        transcripts_of)
+from evaluation import (evaluate_only, evaluate_split, evaluate_warm_start, outcomes_of, paired_table,
+                        rollout_policy, transcripts_of)
 from gguf_import import resolve_model
 from hf import load_pretrained, save_pretrained, strip_prefix
 from model import PolicyWithValue, ValueHead, add_lora, lora_disabled, store_frozen_weights_in
 from ppo import ppo_update
-from rewards import REWARDS
+from rewards import REWARD_VERSION, REWARDS
 from rollout import episode_metrics, results_table, rollout, show_episode
 from sft import warm_start, warm_start_provenance
-from tools import FaultConfig, make_suite
+from tools import JUDGE_VERSION, FaultConfig, make_suite
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -207,7 +207,9 @@ def iteration_randomness(cfg: Config, train_tasks, env, d, device, it):
 def iteration_record(it, episodes, stats, t_roll, d) -> dict:
     """The log line of an iteration: returns, pass rate, steps, invalid actions, the update's statistics."""
     train_m = episode_metrics(episodes)["all"]
+    calls = [r for ep in episodes for step, r in zip(ep.steps, ep.rewards) if step.tool != "Finish"]
     return {"iter": it, "return": sum(sum(ep.rewards) for ep in episodes) / len(episodes),
+            "mean_step_reward": sum(calls) / max(len(calls), 1),      # per tool call (PPO-calls' constant)
             "train_pass": train_m["pass_rate"], "train_steps": train_m["avg_steps"],
             "invalid": train_m["invalid_action_rate"], "retry_after_fault": train_m["retry_after_fault"], **stats,
             "rollout_s": distributed.max_over_ranks(t_roll, d), "rss_mb": resident_mb()}
@@ -305,15 +307,18 @@ def main(cfg: Config) -> dict:
     model.eval()
     final_test, final_episodes = evaluate_split(cfg, model, tokenizer, env, test_tasks, d, progress=True)
     save(cfg, policy, tokenizer, optimizer, history, d)
-    name = "StepTool" if cfg.reward == "step" else "PPO (final reward)"
-    table = results_table({"SFT": sft_test, name: final_test})
+    name = {"step": "StepTool", "final": "PPO (final reward)", "calls": "PPO-calls"}.get(cfg.reward, cfg.reward)
+    final_outcomes = outcomes_of(final_episodes)
+    table = results_table({"SFT": sft_test, name: final_test}) + "\n\n" + paired_table(
+        name, sft_outcomes, final_outcomes, {t.id: t.group for t in test_tasks})
     say("\nTest split (pass rate = Solved fraction; recall = relevant tools called)\n" + table)
     # Per-task IsSolved on the same test list, for paired statistics across methods and seeds (experiment.py)
     return write_results(cfg, d, {
         "sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history, "config": asdict(cfg),
         "test_task_groups": {t.id: t.group for t in test_tasks}, "sft_test_outcomes": sft_outcomes,
-        "test_outcomes": outcomes_of(final_episodes), "sft_test_transcripts": sft_transcripts,
-        "test_transcripts": transcripts_of(final_episodes), "provenance": checkpoint.provenance(),
+        "test_outcomes": final_outcomes, "sft_test_transcripts": sft_transcripts,
+        "test_transcripts": transcripts_of(final_episodes),
+        "provenance": checkpoint.provenance() | {"judge_version": JUDGE_VERSION, "reward_version": REWARD_VERSION},
         "warm_start": warm_start_provenance(warm_start_dir)}, table)
 
 

@@ -45,7 +45,8 @@ def test_the_smoke_preset_writes_metrics_a_loadable_checkpoint_and_the_final_tab
     assert model.config.vocab_size >= tokenizer.vocab_size
     assert os.path.isdir(os.path.join(out, "ckpt-000001", "model"))
     assert "| SFT |" in result.stdout and "| StepTool |" in result.stdout
-    assert open(os.path.join(out, "results.md")).read().count("\n") == 4
+    table = open(os.path.join(out, "results.md")).read()
+    assert table.count("\n") == 12 and "| gained / lost by StepTool |" in table and "| McNemar p (exact) |" in table
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["preset"] == "smoke" and config["advantages"]["gamma"] == 0.99
     # The critic (weight + bias of the value head) learns at --value-lr, the policy at --lr.
@@ -96,6 +97,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights_and_metri
     (["--episodes-per-iter", "0"], "--episodes-per-iter must be > 0"),
     (["--reward", "best"], "--reward must be one of"),
     (["--contribution", "gpt4"], "--contribution must be one of ['lcs', 'reference', 'used']"),
+    (["--succ-calling", "both"], "--succ-calling must be one of ['bonus', 'penalty']"),
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
     (["--advantage", "step-group"], "--advantage step-group compares rollouts of one task: it needs --group-size >= 2"),
@@ -300,3 +302,18 @@ def test_provenance_names_the_commit_the_tree_state_torch_and_threads():
         assert p["commit"] == done.stdout.strip() and isinstance(p["dirty"], bool)
     else:
         assert p["commit"] is None
+
+
+def test_the_final_table_pairs_sft_and_the_trained_policy_task_by_task():
+    """Six tasks, worked by hand: G1 a b c, G2 d e f. SFT solves a, d, e; the policy solves a, b, c, d (e Unsure).
+    G1: gained b and c, lost none -> 2 / 0, McNemar p = 2 * (1/2)^2 = 0.5. G2: gained none, lost e -> 0 / 1, p = 1.
+    All: 2 / 1, p = 2 * (1 + 3) / 8 = 1 (capped). Pass: SFT 1/3 and 2/3, policy 3/3 and 1/3."""
+    from evaluation import paired_table
+    groups = {"a": 1, "b": 1, "c": 1, "d": 2, "e": 2, "f": 2}
+    sft = {"a": 1, "b": 0, "c": 0.5, "d": 1, "e": 1, "f": 0}
+    policy = {"a": 1, "b": 1, "c": 1, "d": 1, "e": 0.5, "f": 0}
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in paired_table("StepTool", sft, policy, groups).splitlines()[2:]}
+    assert rows["SFT pass"] == ["0.333", "0.667", "0.500"] and rows["StepTool pass"] == ["1.000", "0.333", "0.667"]
+    assert rows["gained / lost by StepTool"] == ["2 / 0", "0 / 1", "2 / 1"]
+    assert rows["McNemar p (exact)"] == ["0.5", "1", "1"]
