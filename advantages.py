@@ -44,7 +44,7 @@ class AdvantageConfig:
     """whiten advantages over the batch (contract 1)"""
     authors_reward_scaling: bool = False
     """multiply step t's reward by (T−1−t) as the released code does (final reward -> 0)"""
-    kl_coef: float = 0.1
+    kl_coef: float = 0.05
     """β of the KL to the reference policy (fixed; authors: adaptive from 0.3)"""
     kl_in_loss: bool = False
     """False: −β·k1 in the reward (paper, TRL; contract 2); True: +β·k3 as a loss term (ppo.py contract 3)"""

@@ -52,7 +52,7 @@ class PPOConfig:
     """passes over the batch per iteration; authors 4"""
     minibatches: int = 4
     """optimizer steps per epoch (authors: batch 8, mini-batch 2 -> 4)"""
-    token_budget: int = 4096
+    token_budget: int = 2048
     """max padded tokens (rows x longest row) per micro-batch; bounds activation memory"""
     max_padding: float = 0.1
     """max share of a micro-batch's slots that are padding: a row that would pad more starts a micro-batch of its own

@@ -138,7 +138,7 @@ class RolloutConfig:
     """Tool calls + Finish per episode (the longest reference chain is 5 calls + Finish)."""
     max_action_tokens: int = 96
     """Tokens per step (action)."""
-    max_total_tokens: int = 1024
+    max_total_tokens: int = 1536
     """Prompt + all steps + observations."""
     max_obs_tokens: int = 192
     """Observation tokens beyond this are cut (bounds memory and the KV cache)."""

@@ -42,9 +42,14 @@ def test_parse_config_with_no_flags_equals_config_field_by_field():
     assert parsed == default
 
 
-def test_the_default_run_has_the_tuned_values_in_the_dataclass_defaults():
+def test_the_default_run_is_smollm2_with_the_tuned_values_in_the_dataclass_defaults():
     cfg = Config()
-    assert (cfg.ppo.ppo_epochs, cfg.rollout.temperature, cfg.advantages.kl_coef) == (2, 0.7, 0.1)
+    assert (cfg.model, cfg.suite, cfg.n_test, cfg.dtype) == ("smollm2", "large", 180, "bfloat16")
+    assert (cfg.ppo.ppo_epochs, cfg.rollout.temperature, cfg.advantages.kl_coef) == (2, 0.7, 0.05)
+    tiny = parse_config(["--preset", "tiny"])           # the 2-layer model trained from scratch, as it always was
+    assert (tiny.model, tiny.suite, tiny.iters, tiny.rollout.max_total_tokens, tiny.advantages.kl_coef) == \
+        ("", "tiny", 16, 1024, 0.1)
+    assert parse_config(["--preset", "smollm2"]) == dataclasses.replace(cfg, preset="smollm2", out="runs/smollm2")
 
 
 def test_every_field_has_a_docstring_and_help_lists_it_with_its_docstring():
@@ -57,7 +62,7 @@ def test_every_field_has_a_docstring_and_help_lists_it_with_its_docstring():
 
 
 def test_presets_name_only_fields_and_help_shows_the_presets_values():
-    assert sorted(PRESETS) == ["smoke", "smollm2"]
+    assert sorted(PRESETS) == ["smoke", "smollm2", "tiny"]
     names = {f.name for _, f in flat_fields(Config())}
     for preset, values in PRESETS.items():
         assert set(values) <= names, set(values) - names

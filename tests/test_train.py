@@ -134,7 +134,8 @@ def test_offline_data_in_the_authors_format_trains_for_one_iteration(tmp_path, c
 @pytest.mark.slow
 def test_a_toolbench_query_file_evaluates_end_to_end(tmp_path, smoke_run):
     out, _ = smoke_run
-    result = train("--eval-only", "--model", os.path.join(out, "final"), "--out", str(tmp_path / "tb"),
+    result = train("--preset", "tiny", "--eval-only", "--model", os.path.join(out, "final"),
+                   "--out", str(tmp_path / "tb"),
                    "--tasks", "toolbench:" + os.path.join("tests", "data", "toolbench_G2_sample.json"),
                    "--max-steps", "2", "--max-action-tokens", "16")
     assert result.returncode == 0, result.stderr[-2000:]
