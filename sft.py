@@ -149,6 +149,24 @@ def warm_start(cfg, suite, model_dir: str, device, log=print):
     return (*(load_pretrained(cache_dir, device=device) if model_dir else (model, tokenizer)), cache_dir)
 
 
+def sft_backward(model, plan, episodes, idx: list, pad_id: int, device, autocast):
+    """The gradient of one optimizer step, accumulated over its micro-batches (plan(idx)): token-mean cross-entropy
+    over the action tokens of the episodes idx, each micro-batch's sum divided by the step's action-token count, so
+    the accumulated gradient is the step's whatever the grouping. -> the step's loss (a device tensor)."""
+    n_action = sum(sum(episodes[i].action_mask) for i in idx)
+    loss_sum = 0.0
+    for rows, _, _, _ in plan(idx):
+        batch = collate([episodes[i] for i in rows], pad_id, device)
+        ids, am = batch["input_ids"], batch["action_mask"]
+        with autocast, plan.forwards():              # the LM head only where it predicts an action token
+            logits = model(ids, batch["attention_mask"], logits_to_keep=predictors(am))
+        logp = token_logprobs(logits, ids, targets=am)                                         # (b, T)
+        loss = -(logp * am).sum() / n_action
+        loss.backward()
+        loss_sum += loss.detach()
+    return loss_sum
+
+
 def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
     """Token-mean cross-entropy on action tokens, AdamW (β2 0.95), linear warm-up, then a cosine decay to zero
     (`--sft-schedule cosine`, the from-scratch model) or a constant rate (`constant`: a pretrained model with LoRA
@@ -173,18 +191,8 @@ def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
             decay = 1.0 if cfg.sft_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * step / total))
             for g in opt.param_groups:
                 g["lr"] = cfg.sft_lr * min(1.0, (step + 1) / warmup) * decay
-            idx = order[b * cfg.sft_batch:(b + 1) * cfg.sft_batch]
-            n_action = sum(sum(episodes[i].action_mask) for i in idx)
-            loss_sum = 0.0
-            for rows, _, _, _ in plan(idx):
-                batch = collate([episodes[i] for i in rows], pad_id, device)
-                ids, am = batch["input_ids"], batch["action_mask"]
-                with autocast, plan.forwards():      # the LM head only where it predicts an action token
-                    logits = model(ids, batch["attention_mask"], logits_to_keep=predictors(am))
-                logp = token_logprobs(logits, ids, targets=am)                                 # (b, T)
-                loss = -(logp * am).sum() / n_action
-                loss.backward()
-                loss_sum += loss.detach()
+            loss_sum = sft_backward(model, plan, episodes, order[b * cfg.sft_batch:(b + 1) * cfg.sft_batch], pad_id,
+                                    device, autocast)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
