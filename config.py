@@ -267,3 +267,23 @@ def validate(cfg: Config):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+
+
+# Rough seconds per unit of work for SmolLM2-135M on 2 CPU cores (README, "Where the time goes"): an SFT step of
+# 8 demonstrations, one evaluated task, one RL episode (rollout + update). Only for the first line a run prints.
+SMOLLM2_SECONDS = dict(sft_step=16, eval_task=1.7, episode=7)
+
+
+def run_plan(cfg: Config) -> str:
+    """What this run will do, in order, with a rough duration where it is known (the default model on 2 cores)."""
+    sec, steps = SMOLLM2_SECONDS, cfg.sft_epochs * cfg.sft_tasks // cfg.sft_batch
+    phases = [("SFT warm start", f"{steps} steps, cached for the next run", steps * sec["sft_step"]),
+              ("evaluate it", f"{cfg.n_val} val + {cfg.n_test} test tasks", (cfg.n_val + cfg.n_test) * sec["eval_task"]),
+              ("RL", f"{cfg.iters} iterations x {cfg.episodes_per_iter} episodes",
+               cfg.iters * cfg.episodes_per_iter * sec["episode"]),
+              ("test", f"{cfg.n_test} tasks", cfg.n_test * sec["eval_task"])]
+    if cfg.eval_only:
+        phases = [("evaluate", f"{cfg.n_test} test tasks", cfg.n_test * sec["eval_task"])]
+    timed = cfg.model == "smollm2" and cfg.device == "cpu"
+    text = " -> ".join(f"{name} ({what}{f', ~{t / 60:.0f} min' if timed else ''})" for name, what, t in phases)
+    return f"plan: {text}" + (f"; ~{sum(t for *_, t in phases) / 60:.0f} min on 2 CPU cores" if timed else "")

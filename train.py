@@ -43,7 +43,7 @@ import checkpoint
 import cpu_speed
 import distributed
 from batching import Microbatches, collate, predictors, token_logprobs
-from config import Config, parse_config, uses_lora  # noqa: F401 (parse_config re-exported: train.parse_config)
+from config import Config, parse_config, run_plan, uses_lora  # noqa: F401 (parse_config re-exported: train.parse_config)
 from evaluation import (evaluate_only, evaluate_split, evaluate_warm_start, outcomes_of, paired_table,
                         rollout_policy, transcripts_of)
 from gguf_import import resolve_model
@@ -183,6 +183,7 @@ def start_run(cfg: Config, d, say):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    say(run_plan(cfg))
     say(json.dumps(asdict(cfg), indent=1))
     if d.main:
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
