@@ -2,6 +2,7 @@
 
     python bench.py [--device cpu|cuda] [--json out.json] [--quick]
     python bench.py --model PATH|smollm2 [--cache-dir DIR] [--json FILE] [--quick]     (issue 16: the real model)
+    python bench.py --default-run DIR [--json FILE] [train.py flags]   (issue 30: `python train.py`, cold then warm)
 
 Every figure is the median of repeated runs after a warm-up; comparisons are ratios measured in the same process
 (machines here are shared and noisy). transformers is only needed for the comparison columns.
@@ -11,12 +12,16 @@ kv_continuation_work_ratio, kv_continuation_time_ratio, ppo_tokens_per_s, paddin
 With --model, only the real-model keys (see `bench_real`): real_forward_ratio_vs_transformers, real_ppo_step_ratio_vs_peft,
 real_generate_ratio_vs_transformers, real_iteration_s, real_iteration_phase_s, real_iteration_speedup,
 real_iteration_peak_rss_mb, padding_fraction (+ _off), the use_sampling_logprobs figures, real_compile_forward_speedup.
+real_iteration_speedup (all speed paths on vs all off) is kept but retired as a goal: the figure that counts is the
+main job's wall time. With --default-run: default_run_cold_s, default_run_cold_peak_rss_mb (an empty cache: fetch,
+import, SFT, evaluation, RL, test), default_run_warm_s, default_run_warm_peak_rss_mb (the warm start cached).
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -529,6 +534,23 @@ def bench_real(path, size, json_file="") -> dict:
     return r
 
 
+def default_run(directory: str, train_flags=()) -> dict:
+    """`python train.py` as a child process, cold (empty --cache-dir) and then warm (the same cache, a new --out): the
+    wall time and the peak RSS of each (wait4's rusage: the child and every process it waited for, pip included)."""
+    r = {}
+    for which in ("cold", "warm"):
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+               "--out", os.path.join(directory, which), "--cache-dir", os.path.join(directory, "cache"), *train_flags]
+        t0 = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited with {os.waitstatus_to_exitcode(status)}")
+        r[f"default_run_{which}_s"] = time.perf_counter() - t0
+        r[f"default_run_{which}_peak_rss_mb"] = usage.ru_maxrss / 1024
+    return r
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -536,9 +558,15 @@ def main():
     parser.add_argument("--quick", action="store_true", help="small sizes, ~1 minute")
     parser.add_argument("--model", default="", help="PATH of an imported checkpoint, or smollm2: the real-model keys")
     parser.add_argument("--cache-dir", default="runs/cache", help="where --model smollm2 is fetched and imported")
+    parser.add_argument("--default-run", default="", metavar="DIR",
+                        help="time `python train.py` cold and warm as child processes, in DIR (empty it first)")
     parser.add_argument("--ppo-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--iteration-child", choices=["on", "off"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, train_flags = parser.parse_known_args()
+    if train_flags and not args.default_run:
+        parser.error(f"unrecognized arguments: {' '.join(train_flags)}")
+    if args.default_run:
+        return report(default_run(args.default_run, train_flags), args.json)
     if args.ppo_child:
         return ppo_child(args.quick)
     if args.iteration_child:

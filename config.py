@@ -23,6 +23,8 @@ import os
 import textwrap
 from dataclasses import dataclass, field
 
+import torch
+
 from advantages import AdvantageConfig
 from ppo import PPOConfig
 from rewards import CONTRIBUTIONS, REWARDS, SUCC_CALLING, RewardConfig
@@ -48,8 +50,9 @@ class Config:
     """Seed of the RL phase: task sampling, rollouts, mini-batch shuffling, tool faults."""
     device: str = "cpu"
     """cpu | cuda (under torchrun each rank takes its own GPU)."""
-    dtype: str = "bfloat16"
-    """float32 | bfloat16 | float16 (autocast; float16 on CUDA only)."""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 | float16 (autocast; float16 on CUDA only). auto: bfloat16 on CUDA and on a CPU that
+    multiplies bf16 natively (AMX or AVX512-BF16), float32 elsewhere (an AVX2 CPU emulates bf16 ~30x slower)."""
     checkpoint_layers: bool = True
     """Activation checkpointing in SFT and PPO: keep only each layer's input and recompute the layer in the backward
     pass (exact; about one more forward of compute for a fraction of the activation memory)."""
@@ -218,11 +221,25 @@ def parse_config(argv=None) -> Config:
     args = vars(parser.parse_args(argv))
     for owner, f in flat_fields(cfg):
         setattr(owner, f.name, args[f.name])
+    cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)
     try:
         validate(cfg)
     except ValueError as e:
         parser.error(str(e))
     return cfg
+
+
+def native_bf16(device: str) -> bool:
+    """Does this device multiply bfloat16 in hardware? CUDA: yes (bf16 autocast); a CPU: with AMX or AVX512-BF16."""
+    if device.startswith("cuda"):
+        return True
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16"))
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """--dtype auto -> bfloat16 where the device computes it natively, else float32; any other value as it is."""
+    return dtype if dtype != "auto" else "bfloat16" if native_bf16(device) else "float32"
 
 
 def uses_lora(cfg: Config) -> bool:
@@ -256,7 +273,7 @@ def validate(cfg: Config):
         (cfg.advantages.advantage != "step-group" or cfg.group_size >= 2,
          "--advantage step-group compares rollouts of one task: it needs --group-size >= 2 (with 1 every advantage "
          "is 0)"),
-        (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be float32, bfloat16 or float16"),
+        (cfg.dtype in ("float32", "bfloat16", "float16"), f"--dtype must be auto, float32, bfloat16 or float16"),
         (cfg.lora in ("auto", "on", "off"), f"--lora must be auto, on or off (got {cfg.lora!r})"),
         (not cfg.model or cfg.model == "smollm2" or os.path.isdir(cfg.model),
          f"--model {cfg.model}: no such directory (or use --model smollm2)"),
@@ -270,13 +287,16 @@ def validate(cfg: Config):
 
 
 # Rough seconds per unit of work for SmolLM2-135M on 2 CPU cores (README, "Where the time goes"): an SFT step of
-# 8 demonstrations, one evaluated task, one RL episode (rollout + update). Only for the first line a run prints.
-SMOLLM2_SECONDS = dict(sft_step=16, eval_task=1.7, episode=7)
+# 8 demonstrations, one evaluated task, one RL episode (rollout + update); bfloat16 on a CPU with AMX, float32 on an
+# AVX2 CPU. Only for the first line a run prints.
+SMOLLM2_SECONDS = {"bfloat16": dict(sft_step=16, eval_task=1.7, episode=7),
+                   "float32": dict(sft_step=41, eval_task=4, episode=18)}
 
 
 def run_plan(cfg: Config) -> str:
     """What this run will do, in order, with a rough duration where it is known (the default model on 2 cores)."""
-    sec, steps = SMOLLM2_SECONDS, cfg.sft_epochs * cfg.sft_tasks // cfg.sft_batch
+    sec = SMOLLM2_SECONDS.get(resolve_dtype(cfg.dtype, cfg.device), SMOLLM2_SECONDS["float32"])
+    steps = cfg.sft_epochs * cfg.sft_tasks // cfg.sft_batch
     phases = [("SFT warm start", f"{steps} steps, cached for the next run", steps * sec["sft_step"]),
               ("evaluate it", f"{cfg.n_val} val + {cfg.n_test} test tasks", (cfg.n_val + cfg.n_test) * sec["eval_task"]),
               ("RL", f"{cfg.iters} iterations x {cfg.episodes_per_iter} episodes",

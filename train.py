@@ -43,7 +43,7 @@ import checkpoint
 import cpu_speed
 import distributed
 from batching import Microbatches, collate, predictors, token_logprobs
-from config import Config, parse_config, run_plan, uses_lora  # noqa: F401 (parse_config re-exported: train.parse_config)
+from config import Config, parse_config, resolve_dtype, run_plan, uses_lora  # noqa: F401 (parse_config re-exported: train.parse_config)
 from evaluation import (evaluate_only, evaluate_split, evaluate_warm_start, outcomes_of, paired_table,
                         rollout_policy, transcripts_of)
 from gguf_import import resolve_model
@@ -179,6 +179,7 @@ def start_run(cfg: Config, d, say):
         say("note: --fsdp shards over torchrun processes; with one process the model is not sharded")
     if cfg.episodes_per_iter % d.world:
         raise ValueError(f"--episodes-per-iter {cfg.episodes_per_iter} must divide evenly over {d.world} ranks")
+    cfg.dtype = resolve_dtype(cfg.dtype, cfg.device)      # a Config() built in code, not by parse_config
     os.makedirs(cfg.out, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)

@@ -4,8 +4,9 @@ import dataclasses
 import io
 
 import pytest
+import torch
 
-from config import PRESETS, Config, docstrings, flat_fields, parse_config
+from config import PRESETS, Config, docstrings, flat_fields, parse_config, resolve_dtype
 
 
 def flags_of(cfg):
@@ -36,7 +37,7 @@ def test_the_concepts_that_were_once_two_fields_are_one():
 
 
 def test_parse_config_with_no_flags_equals_config_field_by_field():
-    parsed, default = parse_config([]), Config()
+    parsed, default = parse_config([]), Config(dtype=resolve_dtype("auto", "cpu"))   # --dtype auto, resolved
     for (owner, f), (owner_default, _) in zip(flat_fields(parsed), flat_fields(default)):
         assert getattr(owner, f.name) == getattr(owner_default, f.name), f.name
     assert parsed == default
@@ -44,12 +45,26 @@ def test_parse_config_with_no_flags_equals_config_field_by_field():
 
 def test_the_default_run_is_smollm2_with_the_tuned_values_in_the_dataclass_defaults():
     cfg = Config()
-    assert (cfg.model, cfg.suite, cfg.n_test, cfg.dtype) == ("smollm2", "large", 180, "bfloat16")
+    assert (cfg.model, cfg.suite, cfg.n_test, cfg.dtype) == ("smollm2", "large", 180, "auto")
     assert (cfg.ppo.ppo_epochs, cfg.rollout.temperature, cfg.advantages.kl_coef) == (2, 0.7, 0.05)
     tiny = parse_config(["--preset", "tiny"])           # the 2-layer model trained from scratch, as it always was
     assert (tiny.model, tiny.suite, tiny.iters, tiny.rollout.max_total_tokens, tiny.advantages.kl_coef) == \
         ("", "tiny", 16, 1024, 0.1)
-    assert parse_config(["--preset", "smollm2"]) == dataclasses.replace(cfg, preset="smollm2", out="runs/smollm2")
+    assert parse_config(["--preset", "smollm2"]) == dataclasses.replace(cfg, preset="smollm2", out="runs/smollm2",
+                                                                        dtype=resolve_dtype("auto", "cpu"))
+
+
+def test_dtype_auto_is_bf16_only_where_the_hardware_multiplies_it(monkeypatch):
+    # An AVX2 CPU (this CI's kind) emulates bf16 matmuls ~30x slower than float32: auto must not pick it there.
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False, "amx_bf16": False})
+    assert parse_config([]).dtype == "float32"
+    assert parse_config(["--dtype", "bfloat16"]).dtype == "bfloat16"      # asked for: as it is
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": True})
+    assert parse_config([]).dtype == "bfloat16"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert resolve_dtype("auto", "cpu") == "bfloat16"
+    assert resolve_dtype("auto", "cuda") == "bfloat16" and resolve_dtype("float16", "cuda") == "float16"
+    assert parse_config(["--preset", "tiny"]).dtype == "float32"       # the tiny model is float32 everywhere
 
 
 def test_every_field_has_a_docstring_and_help_lists_it_with_its_docstring():
