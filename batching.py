@@ -195,7 +195,7 @@ class SelectedLogprobs(torch.autograd.Function):
     """logits (N, V), tokens y (N,) -> log softmax(logits / T)[y] (N,) [, entropy (N,), no gradient], `chunk` rows at
     a time in float32. Memory: autograd through the plain ops keeps each chunk's float32 logits and builds a full
     (N, V) gradient per chunk; this keeps only the logits it was given and writes one (N, V) gradient, chunk by
-    chunk, from the closed form  ∂ log p_y / ∂z_j = (1[j = y] − p_j) / T (README: the peak it saves on SmolLM2)."""
+    chunk, from the closed form  ∂ log p_y / ∂z_j = (1[j = y] − p_j) / T (docs/history.md §7: the peak it saves on SmolLM2)."""
     @staticmethod
     def forward(ctx, logits, y, temperature, chunk, with_entropy):
         lps, ents = [], []

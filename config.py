@@ -137,7 +137,7 @@ class Config:
     """Newest checkpoints kept in --out (one per iteration is written)."""
     detach_critic: bool = True
     """Train the value head on the policy's hidden states without back-propagating into them. With a tiny model
-    the shared critic's gradient degraded the policy (README, "Results"); TRL's default shares the trunk."""
+    the shared critic's gradient degraded the policy (docs/history.md §5); TRL's default shares the trunk."""
     max_bad_iters: int = 3
     """Stop after this many consecutive iterations whose every optimizer step was non-finite (and skipped)."""
     fsdp: bool = False

@@ -11,7 +11,7 @@ ModelPolicy it is given; ppo_update and sft_train cut micro-batches with the Mic
 its `forwards()` scope around a pass or a step, which sets the `shared_prompt` mode (like torch.no_grad) that the
 swapped Transformer reads. P, the prompt's length, is computed here from token ids and never leaves this file.
 
-What it changes (the measurements are in the README's speed sections), each a no-op where it does not apply:
+What it changes (measurements: README "Performance", docs/history.md §7), each a no-op where it does not apply:
  1. The prompt every row shares (the system prompt, when every task shows the same tools; `shared_prefix_len`, at
     least 16 tokens) runs once instead of once per row:
     - rollouts: one row of KV cache every row continues (SharedPromptCache), read once per decode step for all rows

@@ -13,7 +13,7 @@ Choices and deviations:
     schema, and the tool answered without error (injected faults count as failures, as a real API's would).
  2. SuccCalling is a penalty by default, not the paper's bonus. The paper's α·SuccCalling pays every successful call,
     needed or not; trained offline on fixed trajectories it cannot be farmed, but online RL learns to pad episodes
-    with calls (README, "Results"). α·(SuccCalling − 1) differs from it by the constant α per call: a failed call
+    with calls (docs/history.md §5). α·(SuccCalling − 1) differs from it by the constant α per call: a failed call
     costs α, a successful one costs nothing, and only Contribution pays, so an unneeded call never raises the
     return. `succ_calling="bonus"` is the paper's formula.
  3. A repeated call (same tool, same normalised arguments as an earlier successful call of the episode) earns
@@ -34,8 +34,7 @@ Choices and deviations:
     answer's length, the string the response should explain.)
     `contribution="reference"` plays the annotator who knows the solution: the step is the first successful call of
     one of the task's reference calls (tool and arguments). "used" and "lcs" pay a call with a wrong argument whose
-    (wrong) value flows into the answer, the main failure of a small model (README, "Training under 30% tool
-    faults"); this rule does not. It needs tasks with a reference chain (the mocked suites; ToolBench imports have
+    (wrong) value flows into the answer, the main failure of a small model (docs/history.md §6); this rule does not. It needs tasks with a reference chain (the mocked suites; ToolBench imports have
     none: 0 everywhere).
  5. An episode that ends without Finish (max steps, token budget) has no a_T: all its steps are intermediate and
     the episode earns no IsSolved (0). A `give_up_and_restart` Finish is judged like any answer (it has none: 0).

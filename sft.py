@@ -45,7 +45,7 @@ def train_tokenizer(texts, vocab_size: int, template: str) -> Tokenizer:
     tok = HFTokenizer(models.BPE())
     # Spaces are tokens of their own: "Lorvik" is then the same token in the query ("... of Lorvik?") and in the
     # JSON arguments ('{"city":"Lorvik"}'). With GPT-2-style "ĠLorvik" vs "Lorvik" the model must learn a second
-    # token per name before it can copy it; measured: pass rate 0 after SFT without this, see README.
+    # token per name before it can copy it; measured: pass rate 0 after SFT without this, see docs/history.md §9.
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(" "), behavior="isolated"),
                                                  pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])

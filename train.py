@@ -14,9 +14,9 @@ torchrun, and tests (`main(cfg)` in-process).
 Deviations from the paper (numbered; the paper's own values are in ../shared/PAPER.md):
  1. Online: rollouts are sampled from the current policy every iteration (the authors trained offline on fixed,
     GPT-4-annotated trajectories; `--offline-data` does that).
- 2. The default model is tiny and trained from scratch on expert trajectories, so the whole run fits a laptop CPU;
-    `--model PATH|smollm2` takes a Llama/Mistral/Qwen checkpoint (SmolLM2-135M is fetched and imported), SFT-warm-
-    started through LoRA (sft.py), then RL with fresh adapters, LoRA on by default as in the paper.
+ 2. The default model is SmolLM2-135M-Instruct (fetched and imported on first use), so the whole run fits a CPU;
+    `--model PATH` takes another Llama/Mistral/Qwen checkpoint, SFT-warm-started through LoRA (sft.py), then RL with
+    fresh adapters, LoRA on by default as in the paper; `--preset tiny` trains a 2-layer model from scratch.
  3. Hyper-parameters are scaled to the model (lr, batch sizes, KL coefficient); γ, λ and the ratio clip are the
     paper's; the value loss is not clipped by default and actor and critic are clipped on separate gradient norms
     (ppo.py contract 2, README "Choices that differ").
