@@ -4,7 +4,7 @@ controls, over warm starts and RL seeds, with statistics whose unit is the run (
     python experiment.py [--preset default] [--methods PPO-final StepTool] [--sft-seeds 0] [--seeds 0 1 2]
                          [--out DIR] [--n-test N] [--call-bonus C] [--replace-record] [train.py flags...]
     python experiment.py --rejudge results/experiment-smollm2.json
-    python experiment.py --reproduce results/experiment-smollm2.json --method SFT --warm-start 0 [--seed S] [--out DIR]
+    python experiment.py --reproduce RECORD|RESULTS.json --method SFT --warm-start 0 [--seed S] [--out DIR]
     python experiment.py --measure-call-bonus RUN_DIR [RUN_DIR ...]
 
 Methods (METHODS): SFT (the warm start's own evaluation: every RL run records it, so one SFT row per warm start,
@@ -464,6 +464,30 @@ def compare_reproduction(committed: dict, reproduced: dict, **bootstrap) -> dict
             "mcnemar_p": mcnemar_exact(b, c)}
 
 
+def method_of(config: dict) -> str:
+    """The METHODS name of a train.py run, from its resolved config."""
+    if config["reward"] == "step":
+        return "StepTool-ref" if config["rewards"]["contribution"] == "reference" else \
+            "StepTool-group" if config["advantages"]["advantage"] == "step-group" else "StepTool"
+    return {"final": "PPO-final", "calls": "PPO-calls"}[config["reward"]]
+
+
+def as_record(data: dict, path: str) -> dict:
+    """A record (this module's format), or train.py's results.json as the record of its two runs (SFT and the RL
+    method): `python train.py`'s own run can be reproduced too. Records of the old format (before runs carried their
+    warm start and answers) are refused in one line."""
+    if "runs" in data:
+        if any("warm_start" not in r for r in data["runs"]):
+            raise ValueError(f"{path}: an old-format record (its runs name no warm start, commit or answers); "
+                             f"reproduce a record written by this experiment.py, or a train.py results.json")
+        return data
+    if "sft_test_outcomes" not in data or "config" not in data:
+        raise ValueError(f"{path}: neither an experiment record nor a train.py results.json")
+    config = data["config"]
+    results = {(method_of(config), config["sft_seed"], config["seed"]): data}
+    return experiment_record(config["preset"], config["suite"], results)
+
+
 def find_run(record: dict, method: str, warm_start: int, seed) -> dict:
     """The record's run of (method, warm start[, seed]); the seed may be left out when only one run matches."""
     rows = [r for r in record["runs"] if r["method"] == method and r["warm_start"] == warm_start
@@ -483,7 +507,7 @@ def reproduce(record_path: str, method: str, warm_start: int, seed, out: str | N
     now) with a fresh --cache-dir (no cached warm start or model), compare its outcomes with the committed ones, write
     OUT/reproduction.json. SFT: `train.py --iters 0`, whose warm-start evaluation is the row. A finished
     reproduction in OUT is reused (a killed one resumes)."""
-    record = load_json(record_path)
+    record = as_record(load_json(record_path), record_path)
     committed = find_run(record, method, warm_start, seed)
     out = out or f"runs/reproduce-{method.lower()}-ws{warm_start}" + (f"-seed{seed}" if seed is not None else "")
     extra = [*record.get("train_flags", []), *extra, "--cache-dir", os.path.join(out, "cache"),
@@ -531,7 +555,7 @@ def parse_args(argv):
     p.add_argument("--replace-record", action="store_true", help="write this invocation's runs alone, not merged")
     p.add_argument("--rejudge", metavar="RECORD", help="re-judge a record's answers with the current judge")
     p.add_argument("--measure-call-bonus", nargs="+", metavar="RUN_DIR", help="C from finished StepTool runs")
-    p.add_argument("--reproduce", metavar="RECORD", help="retrain one run of RECORD from nothing and compare")
+    p.add_argument("--reproduce", metavar="RECORD", help="retrain one run of RECORD (or of a train.py results.json) from nothing and compare")
     p.add_argument("--method", choices=list(METHODS), help="with --reproduce")
     p.add_argument("--warm-start", type=int, help="with --reproduce: the run's warm start (--sft-seed)")
     p.add_argument("--seed", type=int, help="with --reproduce: the run's RL seed")

@@ -328,6 +328,30 @@ def test_the_reproduce_command_retrains_one_run_from_nothing_and_writes_the_comp
     assert fake_train[1][fake_train[1].index("--reward") + 1] == "step" and "--iters" not in fake_train[1]
 
 
+def test_python_train_py_s_own_results_json_can_be_reproduced_and_old_records_are_refused(tmp_path, fake_train,
+                                                                                          capsys):
+    # The README's table comes from `python train.py`, not from experiment.py: its results.json is a record of two
+    # runs, SFT (warm start --sft-seed) and the RL method (seed --seed), and --reproduce retrains either.
+    cfg = parse_config(["--preset", "smoke", "--suite", "large", "--sft-seed", "1", "--seed", "3"])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(fake_result(cfg, [1, 1, 0, 0], SFT[1])))
+    record = experiment.as_record(json.loads(path.read_text()), str(path))
+    assert [(r["method"], r["warm_start"], r["seed"]) for r in record["runs"]] == [("SFT", 1, None),
+                                                                                  ("StepTool", 1, 3)]
+    experiment.main(["--reproduce", str(path), "--method", "SFT", "--warm-start", "1", "--out", str(tmp_path / "r")])
+    cmd = fake_train[0]
+    assert (cmd[cmd.index("--sft-seed") + 1], cmd[cmd.index("--iters") + 1]) == ("1", "0")
+    assert json.loads((tmp_path / "r" / "reproduction.json").read_text())["agreement"] == 1.0
+    old = tmp_path / "old.json"                       # runs without a warm start: the record format before 0331072
+    old.write_text(json.dumps({"preset": "smollm2", "test_task_ids": IDS,
+                               "runs": [{"method": "SFT", "seed": 0, "outcomes": {}}]}))
+    with pytest.raises(SystemExit):
+        experiment.main(["--reproduce", str(old), "--method", "SFT", "--warm-start", "0"])
+    assert "an old-format record" in capsys.readouterr().err
+    assert experiment.method_of(asdict(parse_config(["--contribution", "reference"]))) == "StepTool-ref"
+    assert experiment.method_of(asdict(parse_config(["--reward", "final"]))) == "PPO-final"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--reproduce", "R.json", "--warm-start", "0"], "--reproduce needs --method and --warm-start"),
     (["--seeds", "0", "--seed", "1"], "--method, --warm-start and --seed go with --reproduce"),
