@@ -287,10 +287,10 @@ def validate(cfg: Config):
 
 
 # Rough seconds per unit of work for SmolLM2-135M on 2 CPU cores (README, "Where the time goes"): an SFT step of
-# 8 demonstrations, one evaluated task, one RL episode (rollout + update); bfloat16 on a CPU with AMX, float32 on an
-# AVX2 CPU. Only for the first line a run prints.
+# 8 demonstrations, one evaluated task, one RL episode (rollout + update); bfloat16 on a CPU with AMX (2026-11-27),
+# float32 on an AVX2 CPU (the default run of 2026-12-07). Only for the first line a run prints.
 SMOLLM2_SECONDS = {"bfloat16": dict(sft_step=16, eval_task=1.7, episode=7),
-                   "float32": dict(sft_step=41, eval_task=4, episode=18)}
+                   "float32": dict(sft_step=36, eval_task=3.5, episode=10.8)}
 
 
 def run_plan(cfg: Config) -> str:

@@ -233,13 +233,17 @@ def test_sft_alone_evaluates_each_warm_start_once_with_no_rl(tmp_path, fake_trai
     assert [(r["method"], r["warm_start"], r["seed"]) for r in record["runs"]] == [("SFT", 0, None), ("SFT", 1, None)]
 
 
-def test_ppo_calls_passes_its_bonus_and_refuses_to_run_without_one(tmp_path, fake_train, capsys):
+def test_ppo_calls_passes_its_bonus_and_refuses_to_run_without_one(tmp_path, fake_train, capsys, monkeypatch):
     assert experiment.method_flags("PPO-calls", 0.25) == ["--reward", "calls", "--call-bonus", "0.25"]
     assert experiment.method_flags("StepTool-ref", None) == ["--reward", "step", "--contribution", "reference"]
-    if experiment.PPO_CALLS_BONUS is None:
-        with pytest.raises(SystemExit):
-            main(tmp_path, "--methods", "PPO-calls", "--seeds", "0")
-        assert "PPO-calls needs its bonus C" in capsys.readouterr().err and fake_train == []
+    main(tmp_path, "--methods", "PPO-calls", "--seeds", "0")           # the measured constant by default
+    cmd = fake_train[0]
+    assert cmd[cmd.index("--call-bonus") + 1] == str(experiment.PPO_CALLS_BONUS) == "0.3847"
+    fake_train.clear()
+    monkeypatch.setattr(experiment, "PPO_CALLS_BONUS", None)             # before it was measured
+    with pytest.raises(SystemExit):
+        main(tmp_path / "unmeasured", "--methods", "PPO-calls", "--seeds", "0")
+    assert "PPO-calls needs its bonus C" in capsys.readouterr().err and fake_train == []
 
 
 def test_the_call_bonus_is_the_mean_over_logged_iterations_of_the_reward_per_call(tmp_path, capsys):
