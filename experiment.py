@@ -6,6 +6,7 @@ controls, over warm starts and RL seeds, with statistics whose unit is the run (
     python experiment.py --rejudge results/experiment-smollm2.json
     python experiment.py --reproduce RECORD|RESULTS.json --method SFT --warm-start 0 [--seed S] [--out DIR]
     python experiment.py --measure-call-bonus RUN_DIR [RUN_DIR ...]
+    python experiment.py --expert-logprobs MODEL_DIR [MODEL_DIR ...] [--n-test N] [--out FILE.json]
 
 Methods (METHODS): SFT (the warm start's own evaluation: every RL run records it, so one SFT row per warm start,
 or per warm start and fault stream under faults), PPO-final (--reward final), PPO-calls (--reward calls: the final
@@ -34,7 +35,9 @@ Writes
   DIR/results.json the per-run test metrics train.py reported;  DIR/val_pass.png when matplotlib is installed
 --rejudge recomputes every run's outcomes from its answers with the current judge (tools.check_answer) and writes
 the file back with the judge's version; --reproduce retrains one run of a record from nothing (a fresh --cache-dir)
-and compares its outcomes with the committed ones (DIR/reproduction.json).
+and compares its outcomes with the committed ones (DIR/reproduction.json); --expert-logprobs says, per task type and
+step, how likely each model is to sample the scripted expert's action (evaluation.expert_step_logprobs): whether RL
+can explore the steps a warm start gets wrong.
 
 Deviation: the paper reports pass rates only; the paired statistics, the controls PPO-calls and StepTool-ref and the
 warm-start replication are ours.
@@ -43,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -541,6 +545,37 @@ def reproduce(record_path: str, method: str, warm_start: int, seed, out: str | N
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def expert_logprobs(model_dirs: list, n_test: int | None, out: str | None):
+    """--expert-logprobs: per model, task type and step, the mean over the first n_test test tasks of π(expert action)
+    at the rollouts' temperature and at 1; the per-task log-probs go to `out` with the commit that computed them."""
+    from checkpoint import provenance
+    from config import Config
+    from evaluation import expert_step_logprobs
+    from hf import load_pretrained
+    cfg = Config()
+    suite = tools.make_suite(cfg.suite)
+    tasks = suite.tasks("test", n_test or cfg.n_test, seed=0)
+    temperatures = sorted({cfg.rollout.temperature, 1.0})
+    record = {"provenance": provenance(), "suite": cfg.suite, "temperatures": temperatures,
+              "test_task_kinds": {t.id: t.kind for t in tasks}, "models": {}}
+    for path in model_dirs:
+        model, tokenizer = load_pretrained(path)
+        logps = expert_step_logprobs(model.eval(), tokenizer, suite.environment(None), tasks, cfg.rollout, temperatures)
+        record["models"][path] = {str(T): lp for T, lp in logps.items()}
+        print(f"{path}: mean π(expert action) per step, at T = {' / '.join(map(str, temperatures))}")
+        for kind in sorted({t.kind for t in tasks}):
+            ids = [t.id for t in tasks if t.kind == kind]
+            steps = min(len(logps[1.0][i]) for i in ids)
+            cols = [" / ".join(f"{statistics.mean(math.exp(logps[T][i][s]) for i in ids):.2g}" for T in temperatures)
+                    for s in range(steps)]
+            print(f"  {kind:26s} ({len(ids):2d}) " + " | ".join(cols))
+    out = out or "runs/expert-logprobs.json"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f)
+    print(f"wrote {out}")
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)  # --sft-seed goes to train.py
     p.add_argument("--preset", default="default", help="train.py preset, passed through")
@@ -558,6 +593,8 @@ def parse_args(argv):
     p.add_argument("--rejudge", metavar="RECORD", help="re-judge a record's answers with the current judge")
     p.add_argument("--measure-call-bonus", nargs="+", metavar="RUN_DIR", help="C from finished StepTool runs")
     p.add_argument("--reproduce", metavar="RECORD", help="retrain one run of RECORD (or of a train.py results.json) from nothing and compare")
+    p.add_argument("--expert-logprobs", nargs="+", metavar="MODEL_DIR",
+                   help="how likely each model is to sample the expert's action, per task type and step")
     p.add_argument("--method", choices=list(METHODS), help="with --reproduce")
     p.add_argument("--warm-start", type=int, help="with --reproduce: the run's warm start (--sft-seed)")
     p.add_argument("--seed", type=int, help="with --reproduce: the run's RL seed")
@@ -609,6 +646,8 @@ def main(argv=None):
             for d, v in zip(args.measure_call_bonus, values):
                 print(f"{d}: {v:.4f}")
             print(f"C = {statistics.mean(values):.4f} (mean over {len(values)} run(s))")
+        elif args.expert_logprobs:
+            expert_logprobs(args.expert_logprobs, args.n_test, args.out)
         elif args.reproduce:
             reproduce(args.reproduce, args.method, args.warm_start, args.seed, args.out, extra, args.call_bonus)
         else:

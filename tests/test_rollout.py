@@ -166,3 +166,27 @@ def test_evaluations_with_one_fault_seed_meet_the_same_faults(tokenizer, monkeyp
     again = faults(rollout_module.evaluate(None, tokenizer, env, tasks, cfg, fault_seed=5)[1])
     assert sum(map(sum, first)) > 5                                        # faults did hit
     assert again == first and consumed != first
+
+
+def test_expert_step_logprobs_sum_each_expert_action_tokens_log_probs_as_one_unpadded_forward_reads_them(
+        env, tokenizer, tiny_model):
+    """The exploration diagnostic (experiment.py --expert-logprobs): per step, Σ log softmax(logits / T) of the expert
+    action's tokens. Checked against one forward per episode with no padding, no logits selection and no batching,
+    read position by position; tasks of 1, 2 and 3 calls in batches of 2 (right padding in both)."""
+    from evaluation import expert_step_logprobs
+    pool = make_tasks("test", 30, seed=0)
+    tasks = [next(t for t in pool if t.group == g) for g in (1, 3, 2)]
+    assert len({t.id for t in tasks}) == 3
+    cfg, T = RolloutConfig(), 0.7
+    got = expert_step_logprobs(tiny_model, tokenizer, env, tasks, cfg, temperatures=(1.0, T), batch_size=2)[T]
+    episodes = rollout(ScriptedPolicy(Expert(), tokenizer, cfg), tasks, env, tokenizer, cfg)
+    for ep in episodes:
+        with torch.no_grad():
+            logp = (tiny_model(torch.tensor([ep.token_ids]))[0] / T).log_softmax(-1)          # (T, V)
+        want = [0.0] * len(ep.steps)
+        for t in range(1, len(ep.token_ids)):
+            if ep.action_mask[t]:
+                want[ep.step_id[t]] += float(logp[t - 1, ep.token_ids[t]])
+        assert len(got[ep.task.id]) == len(ep.task.reference_chain) + 1 == len(want)
+        assert got[ep.task.id] == pytest.approx(want, abs=1e-3, rel=1e-5)
+        assert all(v < 0 for v in want)          # an untrained model: every action has probability < 1
