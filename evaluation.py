@@ -1,7 +1,8 @@
 """Greedy evaluation of a model on a task list: the SFT row (cached next to the warm start), validation, the test
-table, --eval-only.
+table, --eval-only; and how likely a model is to sample the expert's actions (expert_step_logprobs).
 
-Who calls it: train.py (before, during and after RL), experiment.py through train.py's results.json.
+Who calls it: train.py (before, during and after RL), experiment.py through train.py's results.json and for
+--expert-logprobs.
 Why a module of its own: how a model is evaluated (sharded over ranks, the same fault stream for every model, the
 per-task outcomes paired statistics compare) is not the RL loop; train.py reads as that loop without it.
 
