@@ -1,8 +1,7 @@
 """Greedy evaluation of a model on a task list: the SFT row (cached next to the warm start), validation, the test
-table, --eval-only; and how likely a model is to sample the expert's actions (expert_step_logprobs).
+table, --eval-only.
 
-Who calls it: train.py (before, during and after RL), experiment.py through train.py's results.json and for
---expert-logprobs.
+Who calls it: train.py (before, during and after RL), experiment.py through train.py's results.json.
 Why a module of its own: how a model is evaluated (sharded over ranks, the same fault stream for every model, the
 per-task outcomes paired statistics compare) is not the RL loop; train.py reads as that loop without it.
 
@@ -19,16 +18,13 @@ import json
 import os
 from dataclasses import asdict
 
-import torch
-
 import checkpoint
 import cpu_speed
 import distributed
-from batching import collate, predictors, token_logprobs
 from config import Config, uses_lora
-from rollout import ModelPolicy, RolloutConfig, ScriptedPolicy, episode_metrics, evaluate, results_table, rollout
+from rollout import ModelPolicy, episode_metrics, evaluate, results_table
 from stats import mcnemar_exact, paired_counts
-from tools import Expert, load_toolbench
+from tools import load_toolbench
 
 
 def rollout_policy(cfg: Config):
@@ -105,32 +101,6 @@ def evaluate_only(cfg: Config, model, tokenizer, env, test_tasks, d, say) -> dic
         f"hit a fault, {metrics['all']['retry_after_fault']:.1%} of those were retried")
     return {"test": metrics, "judged_pass_rate": passed, "judged": len(judged),
             "unjudged": len(episodes) - len(judged)}
-
-
-@torch.no_grad()
-def expert_step_logprobs(model, tokenizer, env, tasks, cfg: RolloutConfig, temperatures=(1.0,),
-                         batch_size: int = 8) -> dict:
-    """{temperature: {task id: [log π(a*_t | h*_t) for each step t]}}: the log-probability that the policy, sampling
-    at that temperature, writes the scripted expert's action a*_t (its exact tokens) after the expert's own history
-    h*_t (prompt, earlier actions and their observations). A diagnostic of exploration: PPO can only reinforce actions
-    it samples, so a step the warm start gets wrong whose expert action has probability 1e-5 is not met in a few
-    hundred rollouts. A lower bound on taking the right action (a paraphrased Thought or answer is another action).
-    Batches of `batch_size` expert episodes, right-padded; logits only where an action token is predicted."""
-    episodes = rollout(ScriptedPolicy(Expert(), tokenizer, cfg), tasks, env, tokenizer, cfg)
-    dev, out = next(model.parameters()).device, {T: {} for T in temperatures}
-    for i in range(0, len(episodes), batch_size):
-        part = episodes[i:i + batch_size]
-        batch = {k: v.to(dev) for k, v in collate(part, pad_id=0).items()}
-        ids, actions = batch["input_ids"], batch["action_mask"]
-        logits = model(ids, attention_mask=batch["attention_mask"], logits_to_keep=predictors(actions))   # (N, V)
-        S = batch["step_mask"].shape[1]
-        step = torch.where(actions, batch["step_id"], S)                           # (B, T); S: not an action token
-        for T in temperatures:
-            lp = token_logprobs(logits, ids, targets=actions, temperature=T)                             # (B, T)
-            per_step = lp.new_zeros(len(part), S + 1).scatter_add_(1, step, lp)[:, :S]   # (B, S): Σ over the step
-            for ep, row in zip(part, per_step.tolist()):                                # one transfer per batch
-                out[T][ep.task.id] = row[:len(ep.steps)]
-    return out
 
 
 def paired_table(name: str, sft_outcomes: dict, outcomes: dict, groups: dict) -> str:

@@ -36,7 +36,7 @@ Writes
 --rejudge recomputes every run's outcomes from its answers with the current judge (tools.check_answer) and writes
 the file back with the judge's version; --reproduce retrains one run of a record from nothing (a fresh --cache-dir)
 and compares its outcomes with the committed ones (DIR/reproduction.json); --expert-logprobs says, per task type and
-step, how likely each model is to sample the scripted expert's action (evaluation.expert_step_logprobs): whether RL
+step, how likely each model is to sample the scripted expert's action (expert_step_logprobs): whether RL
 can explore the steps a warm start gets wrong.
 
 Deviation: the paper reports pass rates only; the paired statistics, the controls PPO-calls and StepTool-ref and the
@@ -53,11 +53,15 @@ import subprocess
 import sys
 from dataclasses import asdict
 
+import torch
+
 import rewards
 import tools
+from batching import collate, predictors, token_logprobs
+from rollout import RolloutConfig, ScriptedPolicy, rollout
 from stats import (bootstrap_mean_ci, comparison_table, comparisons, mcnemar_exact, paired_counts, pass_rate,
                    pass_table, solved, steps_table, type_table)
-from tools import check_answer
+from tools import Expert, check_answer
 
 # C of PPO-calls: StepTool's mean intermediate reward per call (Σ intermediate rewards / intermediate calls, averaged
 # over iterations) on its rollouts from the first warm start: `python experiment.py --measure-call-bonus runs/default`
@@ -545,12 +549,37 @@ def reproduce(record_path: str, method: str, warm_start: int, seed, out: str | N
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
+def expert_step_logprobs(model, tokenizer, env, tasks, cfg: RolloutConfig, temperatures=(1.0,),
+                         batch_size: int = 8) -> dict:
+    """{temperature: {task id: [log π(a*_t | h*_t) for each step t]}}: the log-probability that the policy, sampling
+    at that temperature, writes the scripted expert's action a*_t (its exact tokens) after the expert's own history
+    h*_t (prompt, earlier actions and their observations). A diagnostic of exploration: PPO can only reinforce actions
+    it samples, so a step the warm start gets wrong whose expert action has probability 1e-5 is not met in a few
+    hundred rollouts. A lower bound on taking the right action (a paraphrased Thought or answer is another action).
+    Batches of `batch_size` expert episodes, right-padded; logits only where an action token is predicted."""
+    episodes = rollout(ScriptedPolicy(Expert(), tokenizer, cfg), tasks, env, tokenizer, cfg)
+    dev, out = next(model.parameters()).device, {T: {} for T in temperatures}
+    for i in range(0, len(episodes), batch_size):
+        part = episodes[i:i + batch_size]
+        batch = {k: v.to(dev) for k, v in collate(part, pad_id=0).items()}
+        ids, actions = batch["input_ids"], batch["action_mask"]
+        logits = model(ids, attention_mask=batch["attention_mask"], logits_to_keep=predictors(actions))   # (N, V)
+        S = batch["step_mask"].shape[1]
+        step = torch.where(actions, batch["step_id"], S)                           # (B, T); S: not an action token
+        for T in temperatures:
+            lp = token_logprobs(logits, ids, targets=actions, temperature=T)                             # (B, T)
+            per_step = lp.new_zeros(len(part), S + 1).scatter_add_(1, step, lp)[:, :S]   # (B, S): Σ over the step
+            for ep, row in zip(part, per_step.tolist()):                                # one transfer per batch
+                out[T][ep.task.id] = row[:len(ep.steps)]
+    return out
+
+
 def expert_logprobs(model_dirs: list, n_test: int | None, out: str | None):
     """--expert-logprobs: per model, task type and step, the mean over the first n_test test tasks of π(expert action)
     at the rollouts' temperature and at 1; the per-task log-probs go to `out` with the commit that computed them."""
     from checkpoint import provenance
     from config import Config
-    from evaluation import expert_step_logprobs
     from hf import load_pretrained
     cfg = Config()
     suite = tools.make_suite(cfg.suite)

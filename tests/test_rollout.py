@@ -173,7 +173,7 @@ def test_expert_step_logprobs_sum_each_expert_action_tokens_log_probs_as_one_unp
     """The exploration diagnostic (experiment.py --expert-logprobs): per step, Σ log softmax(logits / T) of the expert
     action's tokens. Checked against one forward per episode with no padding, no logits selection and no batching,
     read position by position; tasks of 1, 2 and 3 calls in batches of 2 (right padding in both)."""
-    from evaluation import expert_step_logprobs
+    from experiment import expert_step_logprobs
     pool = make_tasks("test", 30, seed=0)
     tasks = [next(t for t in pool if t.group == g) for g in (1, 3, 2)]
     assert len({t.id for t in tasks}) == 3
