@@ -304,6 +304,8 @@ def run_plan(cfg: Config) -> str:
               ("test", f"{cfg.n_test} tasks", cfg.n_test * sec["eval_task"])]
     if cfg.eval_only:
         phases = [("evaluate", f"{cfg.n_test} test tasks", cfg.n_test * sec["eval_task"])]
+    elif not cfg.iters:                          # no RL: the warm start's evaluation is the test row
+        phases = phases[:2]
     timed = cfg.model == "smollm2" and cfg.device == "cpu"
     text = " -> ".join(f"{name} ({what}{f', ~{t / 60:.0f} min' if timed else ''})" for name, what, t in phases)
     return f"plan: {text}" + (f"; ~{sum(t for *_, t in phases) / 60:.0f} min on 2 CPU cores" if timed else "")

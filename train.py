@@ -305,12 +305,16 @@ def main(cfg: Config) -> dict:
             say(show_episode(episodes[0]))
         save(cfg, policy, tokenizer, optimizer, history, d, iteration=it)
 
-    # --- the test table: SFT vs the trained policy on the same test list
+    # --- the test table: SFT vs the trained policy on the same test list (--iters 0: the policy is the warm start,
+    # its adapters a no-op, so its greedy test episodes are the SFT row's and are not run twice)
     model.eval()
-    final_test, final_episodes = evaluate_split(cfg, model, tokenizer, env, test_tasks, d, progress=True)
+    if cfg.iters:
+        final_test, final_episodes = evaluate_split(cfg, model, tokenizer, env, test_tasks, d, progress=True)
+        final_outcomes, final_transcripts = outcomes_of(final_episodes), transcripts_of(final_episodes)
+    else:
+        final_test, final_outcomes, final_transcripts = sft_test, sft_outcomes, sft_transcripts
     save(cfg, policy, tokenizer, optimizer, history, d)
     name = {"step": "StepTool", "final": "PPO (final reward)", "calls": "PPO-calls"}.get(cfg.reward, cfg.reward)
-    final_outcomes = outcomes_of(final_episodes)
     table = results_table({"SFT": sft_test, name: final_test}) + "\n\n" + paired_table(
         name, sft_outcomes, final_outcomes, {t.id: t.group for t in test_tasks})
     say("\nTest split (pass rate = Solved fraction; recall = relevant tools called)\n" + table)
@@ -319,7 +323,7 @@ def main(cfg: Config) -> dict:
         "sft_val": sft_val, "sft_test": sft_test, "test": final_test, "history": history, "config": asdict(cfg),
         "test_task_groups": {t.id: t.group for t in test_tasks}, "sft_test_outcomes": sft_outcomes,
         "test_outcomes": final_outcomes, "sft_test_transcripts": sft_transcripts,
-        "test_transcripts": transcripts_of(final_episodes),
+        "test_transcripts": final_transcripts,
         "provenance": checkpoint.provenance() | {"judge_version": JUDGE_VERSION, "reward_version": REWARD_VERSION},
         "warm_start": warm_start_provenance(warm_start_dir)}, table)
 

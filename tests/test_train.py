@@ -249,6 +249,10 @@ def test_the_warm_start_is_evaluated_once_and_a_second_run_reads_the_same_sft_ro
     faults = T.main(T.parse_config([*flags, "--out", str(tmp_path / "c"), "--fault-rate", "0.3"]))
     assert len(calls) == 2 + 4                 # other faults: the SFT row is evaluated again (val + test), then RL's
     assert faults["sft_test_outcomes"].keys() == first["sft_test_outcomes"].keys()
+    sft_only = T.main(T.parse_config([*flags[:-2], "--iters", "0", "--out", str(tmp_path / "d")]))
+    assert len(calls) == 6                     # --iters 0: the cached SFT row is the test row; nothing runs again
+    assert sft_only["test_outcomes"] == sft_only["sft_test_outcomes"] == first["sft_test_outcomes"]
+    assert sft_only["test_transcripts"] == first["sft_test_transcripts"]
 
 
 
