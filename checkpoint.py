@@ -21,6 +21,7 @@ Guarantees:
 """
 from __future__ import annotations
 
+import ast
 import datetime
 import hashlib
 import json
@@ -175,7 +176,10 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 
 
 def source_hash(paths: list[str]) -> str:
-    """A short hash of the bytes of these source files (relative to the repository; a folder: its *.py files)."""
+    """A short hash of the code of these source files (relative to the repository; a folder: its *.py files): their
+    syntax trees without comments and bare strings (docstrings), so an edit of an explanation keeps the key and any
+    edit of code changes it. (Hashing the bytes, three docstring edits once orphaned a 38-minute warm start.) The
+    tree's printed form can differ between Python versions: another Python, another key."""
     h = hashlib.sha256()
     for path in sorted(paths):
         full = os.path.join(REPO, path)
@@ -184,8 +188,19 @@ def source_hash(paths: list[str]) -> str:
         for file in files:
             h.update(os.path.relpath(file, REPO).encode())
             with open(file, "rb") as f:
-                h.update(f.read())
+                h.update(code_of(f.read()).encode())
     return h.hexdigest()[:12]
+
+
+class _Docstrings(ast.NodeTransformer):
+    def visit_Expr(self, node):                      # a bare string statement does nothing: drop it
+        is_text = isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+        return None if is_text else node
+
+
+def code_of(source: bytes) -> str:
+    """The syntax tree of a Python source, printed without positions, comments or docstrings."""
+    return ast.dump(_Docstrings().visit(ast.parse(source)))
 
 
 def git_state() -> dict:

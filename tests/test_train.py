@@ -275,8 +275,9 @@ def test_the_per_phase_peak_memory_sees_a_freed_block_and_forgets_it_after_a_res
 
 
 def test_the_warm_start_cache_key_covers_the_code_that_trains_it(tmp_path, monkeypatch):
-    """A warm start trained by other code is never reused: editing any file of sft.WARM_START_CODE (here a comment
-    in model.py, in a copy of the repository) gives another key; an unrelated file (experiment.py) does not."""
+    """A warm start trained by other code is never reused: editing the code of any file of sft.WARM_START_CODE (here
+    model.py, in a copy of the repository) gives another key; an unrelated file (experiment.py), a comment or a
+    docstring does not."""
     import shutil
     import checkpoint
     from sft import WARM_START_CODE, sft_hash
@@ -293,8 +294,13 @@ def test_the_warm_start_cache_key_covers_the_code_that_trains_it(tmp_path, monke
         with open(copy / other, "a") as f:
             f.write("\n# not on the warm start's path\n")
     assert sft_hash(cfg, suite) == before
+    source = (copy / "model.py").read_text()
+    docstring = source.split('"""')[1]
+    (copy / "model.py").write_text(source.replace(docstring, docstring + " An edited explanation.", 1)
+                                   + "\n# a comment\n")
+    assert sft_hash(cfg, suite) == before
     with open(copy / "model.py", "a") as f:
-        f.write("\n# a comment is a change too: the key cannot tell which edits are exact\n")
+        f.write("\nMODEL_PY_EDITED = 1\n")
     assert sft_hash(cfg, suite) != before
 
 
