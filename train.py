@@ -316,7 +316,8 @@ def main(cfg: Config) -> dict:
     save(cfg, policy, tokenizer, optimizer, history, d)
     name = {"step": "StepTool", "final": "PPO (final reward)", "calls": "PPO-calls"}.get(cfg.reward, cfg.reward)
     table = results_table({"SFT": sft_test, name: final_test}) + "\n\n" + paired_table(
-        name, sft_outcomes, final_outcomes, {t.id: t.group for t in test_tasks})
+        name, sft_outcomes, final_outcomes, {t.id: t.group for t in test_tasks}) if cfg.iters else \
+        results_table({"SFT": sft_test})                 # --iters 0: no RL, so no row for a method
     say("\nTest split (pass rate = Solved fraction; recall = relevant tools called)\n" + table)
     # Per-task IsSolved on the same test list, for paired statistics across methods and seeds (experiment.py)
     return write_results(cfg, d, {

@@ -229,7 +229,8 @@ def test_resuming_with_other_settings_is_refused_in_one_line_but_more_iterations
 
 
 @pytest.mark.slow
-def test_the_warm_start_is_evaluated_once_and_a_second_run_reads_the_same_sft_row(tmp_path, cache, monkeypatch):
+def test_the_warm_start_is_evaluated_once_and_a_second_run_reads_the_same_sft_row(tmp_path, cache, monkeypatch,
+                                                                                   capsys):
     import evaluation
     import train as T
     flags = ["--preset", "smoke", "--cache-dir", cache, "--iters", "1"]
@@ -249,7 +250,10 @@ def test_the_warm_start_is_evaluated_once_and_a_second_run_reads_the_same_sft_ro
     faults = T.main(T.parse_config([*flags, "--out", str(tmp_path / "c"), "--fault-rate", "0.3"]))
     assert len(calls) == 2 + 4                 # other faults: the SFT row is evaluated again (val + test), then RL's
     assert faults["sft_test_outcomes"].keys() == first["sft_test_outcomes"].keys()
+    capsys.readouterr()
     sft_only = T.main(T.parse_config([*flags[:-2], "--iters", "0", "--out", str(tmp_path / "d")]))
+    table = capsys.readouterr().out.split("Test split")[-1]
+    assert "| SFT |" in table and "StepTool" not in table   # no RL: the table has no row for a method
     assert len(calls) == 6                     # --iters 0: the cached SFT row is the test row; nothing runs again
     assert sft_only["test_outcomes"] == sft_only["sft_test_outcomes"] == first["sft_test_outcomes"]
     assert sft_only["test_transcripts"] == first["sft_test_transcripts"]
