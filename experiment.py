@@ -6,7 +6,8 @@ controls, over warm starts and RL seeds, with statistics whose unit is the run (
     python experiment.py --rejudge results/experiment-smollm2.json
     python experiment.py --reproduce RECORD|RESULTS.json --method SFT --warm-start 0 [--seed S] [--out DIR]
     python experiment.py --measure-call-bonus RUN_DIR [RUN_DIR ...]
-    python experiment.py --expert-logprobs MODEL_DIR [MODEL_DIR ...] [--n-test N] [--out FILE.json]
+    python experiment.py --expert-logprobs MODEL_DIR [MODEL_DIR ...] [--split test|val|sft] [--warm-start W]
+                         [--n-test N] [--out FILE.json]
 
 Methods (METHODS): SFT (the warm start's own evaluation: every RL run records it, so one SFT row per warm start,
 or per warm start and fault stream under faults), PPO-final (--reward final), PPO-calls (--reward calls: the final
@@ -55,6 +56,7 @@ from dataclasses import asdict
 
 import torch
 
+import cpu_speed
 import rewards
 import tools
 from batching import collate, predictors, token_logprobs
@@ -552,52 +554,67 @@ def reproduce(record_path: str, method: str, warm_start: int, seed, out: str | N
 @torch.no_grad()
 def expert_step_logprobs(model, tokenizer, env, tasks, cfg: RolloutConfig, temperatures=(1.0,),
                          batch_size: int = 8) -> dict:
-    """{temperature: {task id: [log π(a*_t | h*_t) for each step t]}}: the log-probability that the policy, sampling
-    at that temperature, writes the scripted expert's action a*_t (its exact tokens) after the expert's own history
-    h*_t (prompt, earlier actions and their observations). A diagnostic of exploration: PPO can only reinforce actions
-    it samples, so a step the warm start gets wrong whose expert action has probability 1e-5 is not met in a few
-    hundred rollouts. A lower bound on taking the right action (a paraphrased Thought or answer is another action).
-    Batches of `batch_size` expert episodes, right-padded; logits only where an action token is predicted."""
+    """{temperature: {task id: [log π(a*_t | h*_t) for each step t]}, "greedy": {task id: [bool per step]}}: the
+    log-probability that the policy, sampling at that temperature, writes the scripted expert's action a*_t (its exact
+    tokens) after the expert's own history h*_t (prompt, earlier actions and their observations), and whether greedy
+    decoding writes it (every token of a*_t is the argmax). A diagnostic of exploration: PPO can only reinforce
+    actions it samples, so a step the warm start gets wrong whose expert action has probability 1e-5 is not met in a
+    few hundred rollouts. A lower bound on taking the right action (a paraphrased Thought or answer is another action).
+    Batches of `batch_size` expert episodes, right-padded; logits only where an action token is predicted; with the
+    CPU speed paths installed (cpu_speed.apply) the prompt the episodes share runs once per batch."""
     episodes = rollout(ScriptedPolicy(Expert(), tokenizer, cfg), tasks, env, tokenizer, cfg)
-    dev, out = next(model.parameters()).device, {T: {} for T in temperatures}
+    dev, out = next(model.parameters()).device, {T: {} for T in (*temperatures, "greedy")}
+    shared = cpu_speed.shared_prefix_len([ep.token_ids[:ep.step_id.count(-1)] for ep in episodes])  # -1: the prompt
     for i in range(0, len(episodes), batch_size):
         part = episodes[i:i + batch_size]
         batch = {k: v.to(dev) for k, v in collate(part, pad_id=0).items()}
         ids, actions = batch["input_ids"], batch["action_mask"]
-        logits = model(ids, attention_mask=batch["attention_mask"], logits_to_keep=predictors(actions))   # (N, V)
+        with cpu_speed.shared_prompt(shared):           # a no-op for a plain Transformer
+            logits = model(ids, attention_mask=batch["attention_mask"], logits_to_keep=predictors(actions))  # (N, V)
         S = batch["step_mask"].shape[1]
         step = torch.where(actions, batch["step_id"], S)                           # (B, T); S: not an action token
+        missed = torch.zeros_like(actions)
+        missed[actions] = logits.argmax(-1) != ids[actions]                        # (B, T): greedy writes another
+        per_step = {"greedy": missed.new_zeros(len(part), S + 1, dtype=torch.long).scatter_add_(
+            1, step, missed.long())[:, :S] == 0}                                   # (B, S): no token missed
         for T in temperatures:
             lp = token_logprobs(logits, ids, targets=actions, temperature=T)                             # (B, T)
-            per_step = lp.new_zeros(len(part), S + 1).scatter_add_(1, step, lp)[:, :S]   # (B, S): Σ over the step
-            for ep, row in zip(part, per_step.tolist()):                                # one transfer per batch
+            per_step[T] = lp.new_zeros(len(part), S + 1).scatter_add_(1, step, lp)[:, :S]   # (B, S): Σ over the step
+        for T, rows in per_step.items():
+            for ep, row in zip(part, rows.tolist()):                                    # one transfer per batch
                 out[T][ep.task.id] = row[:len(ep.steps)]
     return out
 
 
-def expert_logprobs(model_dirs: list, n_test: int | None, out: str | None):
-    """--expert-logprobs: per model, task type and step, the mean over the first n_test test tasks of π(expert action)
-    at the rollouts' temperature and at 1; the per-task log-probs go to `out` with the commit that computed them."""
+def expert_logprobs(model_dirs: list, n: int | None, out: str | None, split: str = "test", sft_seed: int = 0):
+    """--expert-logprobs: per model, task type and step, the mean over the first n tasks of `split` of π(expert action)
+    at the rollouts' temperature and at 1, and the fraction of tasks whose every expert action greedy decoding writes;
+    the per-task values go to `out` with the commit that computed them. split "sft": the demonstrations of warm start
+    `sft_seed` (the first n of the --sft-tasks it was trained on): whether SFT fitted the steps it gets wrong."""
     from checkpoint import provenance
     from config import Config
     from hf import load_pretrained
     cfg = Config()
     suite = tools.make_suite(cfg.suite)
-    tasks = suite.tasks("test", n_test or cfg.n_test, seed=0)
+    tasks = suite.tasks(split, n or {"sft": cfg.sft_tasks, "test": cfg.n_test}.get(split), seed=sft_seed)  # val: all
     temperatures = sorted({cfg.rollout.temperature, 1.0})
-    record = {"provenance": provenance(), "suite": cfg.suite, "temperatures": temperatures,
-              "test_task_kinds": {t.id: t.kind for t in tasks}, "models": {}}
+    record = {"provenance": provenance(), "suite": cfg.suite, "split": split, "sft_seed": sft_seed,
+              "temperatures": temperatures, "task_kinds": {t.id: t.kind for t in tasks}, "models": {}}
     for path in model_dirs:
         model, tokenizer = load_pretrained(path)
-        logps = expert_step_logprobs(model.eval(), tokenizer, suite.environment(None), tasks, cfg.rollout, temperatures)
+        with torch.no_grad():
+            logps = expert_step_logprobs(cpu_speed.apply(model.eval()), tokenizer, suite.environment(None), tasks,
+                                         cfg.rollout, temperatures, batch_size=16)
         record["models"][path] = {str(T): lp for T, lp in logps.items()}
-        print(f"{path}: mean π(expert action) per step, at T = {' / '.join(map(str, temperatures))}")
+        print(f"{path} on {split}: per step, mean π(expert action) at T = {' / '.join(map(str, temperatures))}; "
+              f"greedy: tasks whose every expert action is greedy's")
         for kind in sorted({t.kind for t in tasks}):
             ids = [t.id for t in tasks if t.kind == kind]
             steps = min(len(logps[1.0][i]) for i in ids)
             cols = [" / ".join(f"{statistics.mean(math.exp(logps[T][i][s]) for i in ids):.2g}" for T in temperatures)
                     for s in range(steps)]
-            print(f"  {kind:26s} ({len(ids):2d}) " + " | ".join(cols))
+            greedy = statistics.mean(all(logps["greedy"][i]) for i in ids)
+            print(f"  {kind:26s} ({len(ids):2d}) greedy {greedy:4.2f}  " + " | ".join(cols))
     out = out or "runs/expert-logprobs.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
@@ -624,13 +641,18 @@ def parse_args(argv):
     p.add_argument("--reproduce", metavar="RECORD", help="retrain one run of RECORD (or of a train.py results.json) from nothing and compare")
     p.add_argument("--expert-logprobs", nargs="+", metavar="MODEL_DIR",
                    help="how likely each model is to sample the expert's action, per task type and step")
+    p.add_argument("--split", default="test", choices=["test", "val", "sft"],
+                   help="with --expert-logprobs: the tasks (sft: the demonstrations of warm start --warm-start); "
+                   "--n-test N takes the first N")
     p.add_argument("--method", choices=list(METHODS), help="with --reproduce")
-    p.add_argument("--warm-start", type=int, help="with --reproduce: the run's warm start (--sft-seed)")
+    p.add_argument("--warm-start", type=int, help="with --reproduce: the run's warm start (--sft-seed); with "
+                   "--expert-logprobs --split sft: whose demonstrations")
     p.add_argument("--seed", type=int, help="with --reproduce: the run's RL seed")
     args, extra = p.parse_known_args(argv)
     if args.reproduce and (args.method is None or args.warm_start is None):
         p.error("--reproduce needs --method and --warm-start")
-    if not args.reproduce and (args.method or args.warm_start is not None or args.seed is not None):
+    if not args.reproduce and (args.method or args.seed is not None or
+                               args.warm_start is not None and not (args.expert_logprobs and args.split == "sft")):
         p.error("--method, --warm-start and --seed go with --reproduce (an experiment takes --methods, --sft-seeds "
                 "and --seeds)")
     return args, extra
@@ -676,7 +698,7 @@ def main(argv=None):
                 print(f"{d}: {v:.4f}")
             print(f"C = {statistics.mean(values):.4f} (mean over {len(values)} run(s))")
         elif args.expert_logprobs:
-            expert_logprobs(args.expert_logprobs, args.n_test, args.out)
+            expert_logprobs(args.expert_logprobs, args.n_test, args.out, args.split, args.warm_start or 0)
         elif args.reproduce:
             reproduce(args.reproduce, args.method, args.warm_start, args.seed, args.out, extra, args.call_bonus)
         else:

@@ -359,11 +359,17 @@ def test_python_train_py_s_own_results_json_can_be_reproduced_and_old_records_ar
 @pytest.mark.parametrize("argv, message", [
     (["--reproduce", "R.json", "--warm-start", "0"], "--reproduce needs --method and --warm-start"),
     (["--seeds", "0", "--seed", "1"], "--method, --warm-start and --seed go with --reproduce"),
+    (["--expert-logprobs", "M", "--warm-start", "2"], "--method, --warm-start and --seed go with --reproduce"),
 ])
 def test_reproduce_arguments_are_checked_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         experiment.parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_expert_logprobs_of_a_warm_starts_own_demonstrations_name_it_with_warm_start():
+    args, _ = experiment.parse_args(["--expert-logprobs", "M", "--split", "sft", "--warm-start", "2"])
+    assert (args.split, args.warm_start) == ("sft", 2)
 
 
 def test_a_run_to_reproduce_must_be_in_the_record_and_unambiguous():

@@ -171,22 +171,58 @@ def test_evaluations_with_one_fault_seed_meet_the_same_faults(tokenizer, monkeyp
 def test_expert_step_logprobs_sum_each_expert_action_tokens_log_probs_as_one_unpadded_forward_reads_them(
         env, tokenizer, tiny_model):
     """The exploration diagnostic (experiment.py --expert-logprobs): per step, Σ log softmax(logits / T) of the expert
-    action's tokens. Checked against one forward per episode with no padding, no logits selection and no batching,
-    read position by position; tasks of 1, 2 and 3 calls in batches of 2 (right padding in both)."""
+    action's tokens, and whether every one of them is the argmax (greedy decoding writes the expert's action).
+    Checked against one forward per episode with no padding, no logits selection and no batching, read position by
+    position; tasks of 1, 2 and 3 calls in batches of 2 (right padding in both); the plain model and the one with the
+    CPU speed paths (the shared prompt run once per batch) give the same."""
+    import copy
+    import cpu_speed
     from experiment import expert_step_logprobs
     pool = make_tasks("test", 30, seed=0)
     tasks = [next(t for t in pool if t.group == g) for g in (1, 3, 2)]
     assert len({t.id for t in tasks}) == 3
     cfg, T = RolloutConfig(), 0.7
-    got = expert_step_logprobs(tiny_model, tokenizer, env, tasks, cfg, temperatures=(1.0, T), batch_size=2)[T]
+    with torch.no_grad():
+        got = expert_step_logprobs(tiny_model, tokenizer, env, tasks, cfg, temperatures=(1.0, T), batch_size=2)
+        fast = expert_step_logprobs(cpu_speed.apply(copy.deepcopy(tiny_model)), tokenizer, env, tasks, cfg,
+                                    temperatures=(1.0, T), batch_size=2)
     episodes = rollout(ScriptedPolicy(Expert(), tokenizer, cfg), tasks, env, tokenizer, cfg)
     for ep in episodes:
         with torch.no_grad():
-            logp = (tiny_model(torch.tensor([ep.token_ids]))[0] / T).log_softmax(-1)          # (T, V)
-        want = [0.0] * len(ep.steps)
+            logits = tiny_model(torch.tensor([ep.token_ids]))[0]                             # (T, V)
+        logp = (logits / T).log_softmax(-1)
+        want, greedy = [0.0] * len(ep.steps), [True] * len(ep.steps)
         for t in range(1, len(ep.token_ids)):
             if ep.action_mask[t]:
                 want[ep.step_id[t]] += float(logp[t - 1, ep.token_ids[t]])
-        assert len(got[ep.task.id]) == len(ep.task.reference_chain) + 1 == len(want)
-        assert got[ep.task.id] == pytest.approx(want, abs=1e-3, rel=1e-5)
-        assert all(v < 0 for v in want)          # an untrained model: every action has probability < 1
+                greedy[ep.step_id[t]] &= int(logits[t - 1].argmax()) == ep.token_ids[t]
+        assert len(got[T][ep.task.id]) == len(ep.task.reference_chain) + 1 == len(want)
+        assert got[T][ep.task.id] == pytest.approx(want, abs=1e-3, rel=1e-5)
+        assert fast[T][ep.task.id] == pytest.approx(want, abs=1e-3, rel=1e-5)
+        assert got["greedy"][ep.task.id] == fast["greedy"][ep.task.id] == greedy
+        assert all(v < 0 for v in want)          # an untrained model: every action has probability < 1          # an untrained model: every action has probability < 1
+
+
+def test_expert_step_logprobs_greedy_flags_exactly_the_steps_where_one_token_is_not_the_argmax(env, tokenizer):
+    """An oracle model whose logits put the next token of the sequence first, except at one position of step 1 of the
+    second episode: greedy decoding writes every expert action but that step's."""
+    from experiment import expert_step_logprobs
+    pool = make_tasks("test", 30, seed=0)
+    tasks = [next(t for t in pool if t.group == g) for g in (2, 3)]
+    cfg = RolloutConfig()
+    [_, second] = rollout(ScriptedPolicy(Expert(), tokenizer, cfg), tasks, env, tokenizer, cfg)
+    wrong = second.step_id.index(1) + 2                  # a token of step 1's action, other than its first
+
+    class Oracle(torch.nn.Module):
+        def forward(self, ids, attention_mask=None, logits_to_keep=None):
+            nxt = torch.nn.functional.pad(ids[:, 1:], (0, 1))                         # the token each position predicts
+            logits = torch.nn.functional.one_hot(nxt, tokenizer.vocab_size).float() * 10
+            logits[1, wrong - 1] = logits[1, wrong - 1].roll(1)                       # row 1 = the second episode
+            return logits[logits_to_keep]
+
+    oracle = Oracle()
+    oracle.register_parameter("w", torch.nn.Parameter(torch.zeros(1)))              # its device
+    got = expert_step_logprobs(oracle, tokenizer, env, tasks, cfg, batch_size=2)["greedy"]
+    assert got[tasks[0].id] == [True] * len(tasks[0].reference_chain) + [True]
+    assert got[tasks[1].id] == [s != 1 for s in range(len(tasks[1].reference_chain) + 1)]
+    assert len(tasks[1].reference_chain) >= 2
