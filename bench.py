@@ -1,7 +1,7 @@
 """Speed and memory, measured against transformers and against the machine's own matmul peak, in one process.
 
     python bench.py [--device cpu|cuda] [--json out.json] [--quick]
-    python bench.py --model PATH|smollm2 [--cache-dir DIR] [--json FILE] [--quick]     (issue 16: the real model)
+    python bench.py --model PATH|smollm2 [--dtype auto|float32|bfloat16] [--cache-dir DIR] [--json FILE] [--quick]
     python bench.py --default-run DIR [--json FILE] [train.py flags]   (issue 30: `python train.py`, cold then warm)
 
 Every figure is the median of repeated runs after a warm-up; comparisons are ratios measured in the same process
@@ -196,11 +196,19 @@ def ppo_child(quick: bool):
 
 # ======================================================================================================================
 # The real model (issue 16): SmolLM2-135M-Instruct + LoRA on the large suite.
-# Every comparison runs both sides in one process on the same weights, dtype (bfloat16) and thread count, in turn
+# Every comparison runs both sides in one process on the same weights, dtype and thread count, in turn
 # (A B A B ...), and reports the median of each: the cores are shared with other jobs, and a ratio measured side by
 # side survives that far better than two absolute times measured minutes apart.
 
-BF16 = torch.bfloat16
+# The dtype of both sides: --dtype, by default train.py's `auto` (bfloat16 on a CPU that multiplies it natively,
+# float32 elsewhere: an AVX2 CPU emulates bf16 ~30x slower, and the keys would time the emulation). Set by main().
+REAL_DTYPE = torch.bfloat16
+
+
+def autocast():
+    return torch.autocast("cpu", REAL_DTYPE, enabled=REAL_DTYPE != torch.float32)
+
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # The sizes of issue 16 ("full"), and a "quick" set (--quick) that finishes on a busy machine: not comparable to full.
 REAL_SIZES = {
@@ -238,30 +246,30 @@ def expert_episodes(tok, n: int, seed: int = 0):
                    cfg)
 
 
-def hf_bf16(path):
+def hf_model(path):
     import transformers
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=BF16).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=REAL_DTYPE).eval()
 
 
 def bench_real_forward(path, tok, repeat, B=4, T=512):
-    """Full logits of B real episodes cut to T tokens, no grad: ours vs transformers, bf16 weights, bf16 autocast."""
+    """Full logits of B real episodes cut to T tokens, no grad: ours vs transformers, weights and autocast in REAL_DTYPE."""
     from hf import load_pretrained
     ids = torch.tensor([ep.token_ids[:T] for ep in expert_episodes(tok, B)])    # (B, T); every episode is longer
-    ours, hf = load_pretrained(path, dtype=BF16)[0], hf_bf16(path)
-    with torch.no_grad(), torch.autocast("cpu", BF16):
+    ours, hf = load_pretrained(path, dtype=REAL_DTYPE)[0], hf_model(path)
+    with torch.no_grad(), autocast():
         t = alternate({"ours": lambda: ours(ids), "hf": lambda: hf(input_ids=ids).logits}, repeat)
     return {"real_forward_ratio_vs_transformers": t["hf"] / t["ours"], "real_forward_tokens_per_s": B * T / t["ours"]}
 
 
 def bench_real_compile(path, tok, repeat, B=4, T=512):
-    """torch.compile on our forward (no grad, bf16, B real episodes cut to T tokens): compiled / eager speed, and
+    """torch.compile on our forward (no grad, REAL_DTYPE, B real episodes cut to T tokens): compiled / eager speed, and
     the one-off compile time. Measured, not used by train.py: a training forward's lengths change every micro-batch
     and the KV cache is Python state, so there it would recompile or break the graph."""
     from hf import load_pretrained
     ids = torch.tensor([ep.token_ids[:T] for ep in expert_episodes(tok, B)])
-    model = load_pretrained(path, dtype=BF16)[0]
+    model = load_pretrained(path, dtype=REAL_DTYPE)[0]
     compiled = torch.compile(model)
-    with torch.no_grad(), torch.autocast("cpu", BF16):
+    with torch.no_grad(), autocast():
         t0 = time.perf_counter()
         compiled(ids)
         compile_s = time.perf_counter() - t0
@@ -271,7 +279,7 @@ def bench_real_compile(path, tok, repeat, B=4, T=512):
 
 def bench_real_ppo_step(path, tok, cfg, repeat, n_episodes=8):
     """One PPO micro-batch of expert episodes: forward, loss = −Σ log π(action tokens) / their count, backward, with
-    LoRA (rank, alpha of the preset) on all 7 projections, bf16 autocast. Ours: frozen base stored in bf16, the shared
+    LoRA (rank, alpha of the preset) on all 7 projections, autocast in REAL_DTYPE. Ours: frozen base stored in it, the shared
     prompt once, the LM head only where it predicts an action token. Reference: transformers + peft, full logits,
     float32 log_softmax and gather (TRL's logprobs_from_logits), masked to the action tokens."""
     import peft
@@ -283,15 +291,15 @@ def bench_real_ppo_step(path, tok, cfg, repeat, n_episodes=8):
     ids, att, am, prompt = batch["input_ids"], batch["attention_mask"], batch["action_mask"], \
         cpu_speed.shared_prompt_ids(batch)
     n = am.sum()
-    model = store_frozen_weights_in(add_lora(load_pretrained(path)[0], r=cfg.lora_r, alpha=cfg.lora_alpha), BF16)
+    model = store_frozen_weights_in(add_lora(load_pretrained(path)[0], r=cfg.lora_r, alpha=cfg.lora_alpha), REAL_DTYPE)
     ours = PolicyWithValue(cpu_speed.apply(model).train(), ValueHead(model.config.hidden_size))
     lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
                            task_type="CAUSAL_LM")
-    hf = peft.get_peft_model(hf_bf16(path), lora).train()      # adapters float32 (peft's autocast_adapter_dtype)
+    hf = peft.get_peft_model(hf_model(path), lora).train()      # adapters float32 (peft's autocast_adapter_dtype)
     losses = {}
 
     def ours_step():
-        with torch.autocast("cpu", BF16), cpu_speed.shared_prompt(0 if prompt is None else prompt.shape[1]):
+        with autocast(), cpu_speed.shared_prompt(0 if prompt is None else prompt.shape[1]):
             logits, _ = ours(ids, att, logits_at=predictors(am))    # (N, V) at action predictors, the prompt once
             loss = -token_logprobs(logits, ids, targets=am).sum() / n
         loss.backward()
@@ -299,7 +307,7 @@ def bench_real_ppo_step(path, tok, cfg, repeat, n_episodes=8):
         losses["ours"] = loss.item()
 
     def hf_step():
-        with torch.autocast("cpu", BF16):
+        with autocast():
             logits = hf(input_ids=ids, attention_mask=att).logits                  # (B, T, V)
         logp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)   # (B, T−1)
         loss = -logp[am[:, 1:]].sum() / n
@@ -323,7 +331,7 @@ def bench_real_generate(path, tok, cfg, repeat, B=32, N=64):
     env, template = suite.environment(), TEMPLATES[cfg.rollout.template]
     prompts = [tok.encode(template.prompt.format(system=system_prompt(env, task, cfg.rollout.schema_format),
                                                  user=task.query)) for task in suite.tasks("train", B, seed=0)]
-    ours, hf = cpu_speed.apply(load_pretrained(path, dtype=BF16)[0]), hf_bf16(path)
+    ours, hf = cpu_speed.apply(load_pretrained(path, dtype=REAL_DTYPE)[0]), hf_model(path)
     T = cfg.rollout.temperature
     one_step = replace(cfg.rollout, max_steps=1, max_action_tokens=N, max_obs_tokens=0)   # cache sized for N tokens
 
@@ -350,13 +358,13 @@ def bench_real_generate(path, tok, cfg, repeat, B=32, N=64):
 
 def sampling_vs_fresh(policy, batch, ppo_cfg, temperature):
     """The tolerance question of use_sampling_logprobs: |log π from the rollout − log π of a fresh training forward|
-    on action tokens (bf16), and ppo_update's no-grad pass (1) timed with log-probs and with values only."""
+    on action tokens (REAL_DTYPE), and ppo_update's no-grad pass (1) timed with log-probs and with values only."""
     import cpu_speed
     from batching import predictors, token_logprobs
     ids, att, am = batch["input_ids"], batch["attention_mask"], batch["action_mask"]
     plan = cpu_speed.SharedPromptMicrobatches.of_batch(batch, ppo_cfg)    # the prompt once per forward, no rounding
     fresh, t = torch.zeros(ids.shape), {"with_logprobs": 0.0, "values_only": 0.0}
-    with torch.no_grad(), torch.autocast("cpu", BF16), plan.forwards():
+    with torch.no_grad(), autocast(), plan.forwards():
         for rows, L, _, _ in plan(list(range(len(ids)))):
             idx = torch.tensor(rows)
             x, a, targets = ids[idx, :L], att[idx, :L], am[idx, :L]
@@ -389,12 +397,12 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     """One StepTool iteration of the smollm2 preset (rollout at its temperature, step rewards, collate, ppo_update
     against the LoRA-disabled reference) with every speed feature on, or all off: --cpu-speed (cpu_speed.py: the
     shared prompt once in rollouts and training, once per optimizer step in the update; decode on prepacked weights;
-    lengths rounded to 64; glibc's allocator), action-only logits, frozen base in bf16 (off: float32, cast by
+    lengths rounded to 64; glibc's allocator), action-only logits, frozen base in REAL_DTYPE (off: float32, cast by
     autocast in training; rollouts run without autocast, as in train.py, so in float32), use_sampling_logprobs,
     micro-batches padded ≤ max_padding; on also has the preset's activation checkpointing (memory for more update
     time). Phase times from timestamps: the rollout (+ rewards, collate); ppo_update's pass (1) until its first
     grad-enabled policy call, split into the reference calls and the rest (π_old, V_old, advantages); the update from
-    there to the end. Peak resident memory per phase: loading (the model, LoRA, the bf16 cast), rollout, pass (1)
+    there to the end. Peak resident memory per phase: loading (the model, LoRA, the REAL_DTYPE cast), rollout, pass (1)
     (old log-probs + reference), update."""
     import cpu_speed
     from batching import Microbatches, collate, predictors, token_logprobs
@@ -416,7 +424,7 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
     model.checkpoint_layers = cfg.checkpoint_layers
     add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha)
     if on:
-        cpu_speed.apply(store_frozen_weights_in(model, BF16))
+        cpu_speed.apply(store_frozen_weights_in(model, REAL_DTYPE))
     value_head = ValueHead(model.config.hidden_size)
     policy = PolicyWithValue(model, value_head, detach_critic=cfg.detach_critic)
     actor = [p for p in model.parameters() if p.requires_grad]
@@ -470,7 +478,8 @@ def real_iteration(path, episodes: int, on: bool, flags=(), seed: int = 0) -> di
         return out
     t1 = time.perf_counter()
     stats = ppo_update(timed_policy, optimizer, batch, cfg.ppo, cfg.advantages, reference_logprobs_fn=reference,
-                       autocast_dtype=BF16, generator=gen, temperature=temperature, microbatches=Timed)
+                       autocast_dtype=None if REAL_DTYPE == torch.float32 else REAL_DTYPE, generator=gen,
+                       temperature=temperature, microbatches=Timed)
     t2 = time.perf_counter()
     peaks["update"] = peak_rss_mb()
     trim()
@@ -497,12 +506,13 @@ def bench_real(path, size, json_file="") -> dict:
     s = REAL_SIZES[size]
     with open(f"{path}/config.json") as f:
         cfg, tok = smollm2_config(s["episodes"], s["flags"]), Tokenizer.from_dir(path, json.load(f))
-    r = {"size": size, "threads": torch.get_num_threads(), "model": path}
+    r = {"size": size, "threads": torch.get_num_threads(), "model": path, "dtype": str(REAL_DTYPE)}
     # The iteration child first, while this process holds no model: run after the parts below, the two processes
     # together (transformers + peft + ours here, ~12 GB) were OOM-killed on a 24 GB machine.
     it = {}
     for which in ("on", "off"):
-        child = subprocess.run([sys.executable, __file__, "--model", path, "--iteration-child", which]
+        child = subprocess.run([sys.executable, __file__, "--model", path, "--iteration-child", which, "--dtype",
+                                str(REAL_DTYPE).removeprefix("torch.")]
                                + ["--quick"] * (size == "quick"), stdout=subprocess.PIPE, text=True, check=True)
         it[which] = json.loads(child.stdout.strip().splitlines()[-1])
     for part in (lambda: bench_real_forward(path, tok, s["repeat"], *s["forward"]),
@@ -560,11 +570,16 @@ def main():
     parser.add_argument("--cache-dir", default="runs/cache", help="where --model smollm2 is fetched and imported")
     parser.add_argument("--default-run", default="", metavar="DIR",
                         help="time `python train.py` cold and warm as child processes, in DIR (empty it first)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="the real-model keys' weights and autocast (auto: as train.py --dtype auto)")
     parser.add_argument("--ppo-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--iteration-child", choices=["on", "off"], help=argparse.SUPPRESS)
     args, train_flags = parser.parse_known_args()
     if train_flags and not args.default_run:
         parser.error(f"unrecognized arguments: {' '.join(train_flags)}")
+    global REAL_DTYPE
+    from config import resolve_dtype
+    REAL_DTYPE = getattr(torch, resolve_dtype(args.dtype, "cpu"))
     if args.default_run:
         return report(default_run(args.default_run, train_flags), args.json)
     if args.ppo_child:
