@@ -273,7 +273,14 @@ class SharedPrefix:
 # ------------------------------------------------------------------------------- the loops: rollouts, SFT and PPO
 class ModelPolicy(rollout.ModelPolicy):
     """rollout.ModelPolicy with the prompt its batch shares prefilled once and kept once (part 1), and decode matmuls
-    on packed weights while the rollout runs (part 2)."""
+    on packed weights while the rollout runs (part 2). The model must have the speed paths installed (`apply`): a
+    plain Attention does not read the shared prompt's cache, so its rows would continue without their system prompt."""
+    def __init__(self, model, tokenizer, cfg, generator=None):
+        if not any(isinstance(m, PrefixAttention) for m in model.modules()):
+            raise TypeError("cpu_speed.ModelPolicy needs a model with the speed paths installed: call "
+                            "cpu_speed.apply(model) first (or use rollout.ModelPolicy)")
+        super().__init__(model, tokenizer, cfg, generator)
+
     def running(self):
         return packed_weights(self.model)
 

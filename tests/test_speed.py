@@ -293,6 +293,16 @@ def test_rollouts_with_the_prompt_once_sample_the_same_tokens_and_logprobs_as_pl
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 
 
+def test_the_fast_rollout_policy_refuses_a_model_without_the_speed_paths(large_suite):
+    # A plain model under cpu_speed.ModelPolicy would decode every row without the system prompt (its attention does
+    # not read the shared cache): it wrote "I need the weather in Fensel." with no Action line, 0 of 13 val tasks.
+    env, tasks, tokenizer = large_suite
+    plain = tiny_lora_model(vocab=tokenizer.vocab_size, fast=False).eval()
+    with pytest.raises(TypeError, match="cpu_speed.apply"):
+        cpu_speed.ModelPolicy(plain, tokenizer, RolloutConfig())
+    cpu_speed.ModelPolicy(cpu_speed.apply(plain), tokenizer, RolloutConfig())     # once applied, accepted
+
+
 def test_a_rollout_cache_keeps_the_shared_prompt_once_and_only_its_own_tokens_per_row(large_suite):
     env, tasks, tokenizer = large_suite
     model = tiny_lora_model(vocab=tokenizer.vocab_size, fast=True).eval()
