@@ -169,8 +169,9 @@ def sft_backward(model, plan, episodes, idx: list, pad_id: int, device, autocast
 
 def sft_train(model, episodes, pad_id: int, cfg, device, log=print):
     """Token-mean cross-entropy on action tokens, AdamW (β2 0.95), linear warm-up, then a cosine decay to zero
-    (`--sft-schedule cosine`, the from-scratch model) or a constant rate (`constant`: a pretrained model with LoRA
-    learns the format in a few dozen steps; with the cosine schedule at 5e-4 it was still at loss 1.49 after 40)."""
+    (`--sft-schedule cosine`, the default) or a constant rate (`constant`). With LoRA on SmolLM2 at 1e-3 both learn
+    the format in a few dozen steps, but the constant rate ends wherever its last steps left it: which task types a
+    warm start solves then changes from seed to seed (README, "Reproducing the warm start")."""
     plan = (cpu_speed.SharedPromptMicrobatches if cfg.cpu_speed else Microbatches).of_episodes(
         episodes, cfg.ppo.token_budget)                # rows -> micro-batches under the token budget
     params = [p for p in model.parameters() if p.requires_grad]
