@@ -67,10 +67,11 @@ from tools import Expert, check_answer
 
 # C of PPO-calls: StepTool's mean intermediate reward per call (Σ intermediate rewards / intermediate calls, averaged
 # over iterations) on its rollouts from the first warm start: `python experiment.py --measure-call-bonus runs/default`
-# on the default run (StepTool, --sft-seed 0, --seed 0, reward flow-penalty-1, float32) of 76cb62b gave 0.3847 (the 4
-# iterations: 0.351, 0.421, 0.427, 0.339; results/default-run-smollm2.json). One RL seed: re-measure on
-# runs/experiment-smollm2/steptool-ws0-seed* when they exist.
-PPO_CALLS_BONUS: float | None = 0.3847
+# on the default run at 38f7881 (StepTool, warm start b8235dd8e5b6 = the cosine-1024-128 recipe's --sft-seed 0,
+# --seed 0, reward flow-penalty-1, float32) gave 0.3448 (the 4 iterations: 0.325, 0.436, 0.214, 0.404;
+# results/default-run-smollm2-cosine-1024-128.json). One RL seed. The old warm start's default run (76cb62b) gave
+# 0.3847. Re-measure on runs/experiment-smollm2/steptool-ws0-seed* when they exist.
+PPO_CALLS_BONUS: float | None = 0.3448
 
 METHODS = {"SFT": ["--iters", "0"],           # no RL: only run when no RL run of the warm start records its evaluation
            "PPO-final": ["--reward", "final"],

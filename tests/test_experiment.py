@@ -238,7 +238,7 @@ def test_ppo_calls_passes_its_bonus_and_refuses_to_run_without_one(tmp_path, fak
     assert experiment.method_flags("StepTool-ref", None) == ["--reward", "step", "--contribution", "reference"]
     main(tmp_path, "--methods", "PPO-calls", "--seeds", "0")           # the measured constant by default
     cmd = fake_train[0]
-    assert cmd[cmd.index("--call-bonus") + 1] == str(experiment.PPO_CALLS_BONUS) == "0.3847"
+    assert cmd[cmd.index("--call-bonus") + 1] == str(experiment.PPO_CALLS_BONUS) == "0.3448"
     fake_train.clear()
     monkeypatch.setattr(experiment, "PPO_CALLS_BONUS", None)             # before it was measured
     with pytest.raises(SystemExit):
