@@ -23,9 +23,10 @@ another test list is resumed from its last checkpoint and re-evaluated only. Whe
 warm start is evaluated by `train.py --iters 0` in DIR/sft-ws<W>-seed<S>.
 
 Writes
-  results/experiment-<preset>[-faults<percent>][-test<n>].json, compact JSON, merged with the runs of the existing
-    file that this invocation does not replace (refused if that file is of another preset, flags, test list, judge,
-    reward or warm start; --replace-record writes this invocation's runs alone):
+  results/experiment-<preset>[-faults<percent>][-test<n>].json (--preset default is named smollm2, its settings'
+    name), compact JSON, merged with the runs of the existing file that this invocation does not replace (refused
+    if that file is of another preset, flags, test list, judge, reward or warm start; --replace-record writes this
+    invocation's runs alone):
       {"preset", "suite", "train_flags" (the other train.py flags given), "judge", "reward", "test_task_ids",
        "test_task_groups": {id: "G1"}, "test_task_kinds": {id: kind}, "test_task_items": {id: "kind|entity|..."},
        "runs": [{"method", "warm_start", "seed" (null for SFT without faults), "fault_rate", "commit", "dirty",
@@ -284,6 +285,12 @@ def run_order(row: dict) -> tuple:
     return list(METHODS).index(row["method"]), row["warm_start"], -1 if row["seed"] is None else row["seed"]
 
 
+def record_preset(preset: str) -> str:
+    """The name a record carries: `--preset default` and `--preset smollm2` are the same settings (config.PRESETS), and
+    their records are named, merged and compared as "smollm2"."""
+    return "smollm2" if preset == "default" else preset
+
+
 def experiment_record(preset: str, suite: str, results: dict, train_flags: list = ()) -> dict:
     """results: {(method, warm start, seed): train.py's results.json} -> the record (module docstring). One SFT row
     per warm start, from the first of its runs (per warm start and seed under faults: each seed's fault stream)."""
@@ -302,8 +309,8 @@ def experiment_record(preset: str, suite: str, results: dict, train_flags: list 
         if method != "SFT":
             rl_rows.append(run_row(method, w, seed, result, sft=False))
     judge, reward = versions()
-    return {"preset": preset, "suite": suite, "train_flags": list(train_flags), "judge": judge, "reward": reward,
-            "test_task_ids": task_ids,
+    return {"preset": record_preset(preset), "suite": suite, "train_flags": list(train_flags), "judge": judge,
+            "reward": reward, "test_task_ids": task_ids,
             **task_info(suite, task_ids, first.get("test_task_groups", {})),
             "runs": sorted([*sft_rows.values(), *rl_rows], key=run_order)}
 
@@ -358,10 +365,10 @@ def rejudge_file(path: str):
 
 
 def record_file(preset: str, record: dict, n_test: int | None = None) -> str:
-    """experiment-<preset>.json; -faults<percent> for runs under injected faults, -test<n> for a test list of another
-    length than the preset's (--n-test)."""
+    """experiment-<preset>.json (default: smollm2); -faults<percent> for runs under injected faults, -test<n> for a
+    test list of another length than the preset's (--n-test)."""
     rate = max(r["fault_rate"] for r in record["runs"])
-    return (f"experiment-{preset}" + (f"-faults{round(100 * rate)}" if rate else "")
+    return (f"experiment-{record_preset(preset)}" + (f"-faults{round(100 * rate)}" if rate else "")
             + (f"-test{n_test}" if n_test is not None else "") + ".json")
 
 

@@ -194,6 +194,9 @@ def test_a_finished_run_is_reused_unless_another_test_length_is_asked_for(tmp_pa
     assert "--resume" in calls[1] and calls[1][-2:] == ["--n-test", "9"]
     assert experiment.record_file("smoke", {"runs": [{"fault_rate": 0.0}]}, n_test=9) == "experiment-smoke-test9.json"
     assert experiment.record_file("p", {"runs": [{"fault_rate": 0.3}]}) == "experiment-p-faults30.json"
+    # --preset default is the smollm2 settings: its records carry (and merge under) that name, as issue 30 asks
+    assert experiment.record_file("default", {"runs": [{"fault_rate": 0.0}]}) == "experiment-smollm2.json"
+    assert experiment.record_preset("default") == "smollm2" and experiment.record_preset("tiny") == "tiny"
 
 
 def test_flag_fields_name_the_config_fields_a_flag_list_sets():
@@ -466,7 +469,8 @@ def test_a_full_record_of_six_methods_three_warm_starts_two_seeds_and_540_tasks_
                                  "test_transcripts": tr, "sft_test_transcripts": tr,
                                  "provenance": {"commit": "f" * 40, "dirty": False},
                                  "warm_start": {"key": "a" * 12, "commit": "f" * 40}}
-    record = experiment.experiment_record("smollm2", "large", results)
+    record = experiment.experiment_record("default", "large", results)
+    assert record["preset"] == "smollm2"                        # the default's settings carry the smollm2 name
     assert len(record["runs"]) == 33 and len(record["test_task_ids"]) == 540
     size = len(json.dumps(record, separators=(",", ":")))
     per_run = size / 33
