@@ -3,7 +3,7 @@ controls, over warm starts and RL seeds, with statistics whose unit is the run (
 
     python experiment.py [--preset default] [--methods PPO-final StepTool] [--sft-seeds 0] [--seeds 0 1 2]
                          [--out DIR] [--n-test N] [--call-bonus C] [--replace-record] [train.py flags...]
-    python experiment.py --rejudge results/experiment-smollm2.json
+    python experiment.py --rejudge results/experiment-smollm2-ws0-controls.json
     python experiment.py --reproduce RECORD|RESULTS.json --method SFT --warm-start 0 [--seed S] [--out DIR]
     python experiment.py --measure-call-bonus RUN_DIR [RUN_DIR ...]
     python experiment.py --expert-logprobs MODEL_DIR [MODEL_DIR ...] [--split test|val|sft] [--warm-start W]
