@@ -156,8 +156,9 @@ class Config:
 TINY = dict(out="runs/tiny", model="", suite="tiny", dtype="float32", checkpoint_layers=False, n_val=90, n_test=150,
             sft_tasks=4800, sft_epochs=2, sft_schedule="cosine", lora_alpha=16, iters=16, episodes_per_iter=64, lr=2e-5,
             kl_coef=0.1, max_total_tokens=1024, token_budget=4096)
+DEFAULT_NAME = "smollm2"                        # the default's settings under the name experiment files carry
 PRESETS = {
-    "smollm2": dict(out="runs/smollm2"),          # the default's settings under the name experiment files carry
+    DEFAULT_NAME: dict(out="runs/smollm2"),
     # A 2-layer model trained from scratch (~7 min on 2 CPU cores): the whole pipeline on a laptop, not the effect.
     "tiny": TINY,
     # CI: the tiny model, 2 iterations of 8 episodes, < 1 min.

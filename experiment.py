@@ -286,9 +286,10 @@ def run_order(row: dict) -> tuple:
 
 
 def record_preset(preset: str) -> str:
-    """The name a record carries: `--preset default` and `--preset smollm2` are the same settings (config.PRESETS), and
-    their records are named, merged and compared as "smollm2"."""
-    return "smollm2" if preset == "default" else preset
+    """The name a record carries: `--preset default` is config.DEFAULT_NAME's settings (smollm2), and its records are
+    named, merged and compared under that name."""
+    from config import DEFAULT_NAME
+    return DEFAULT_NAME if preset == "default" else preset
 
 
 def experiment_record(preset: str, suite: str, results: dict, train_flags: list = ()) -> dict:
