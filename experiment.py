@@ -20,7 +20,9 @@ these flags would make now: the same warm start key (sft.sft_hash: the SFT setti
 reward versions when the run recorded them, the same method flags; otherwise every such run is named on one line
 with the difference and nothing runs (stale runs are never reused nor deleted). With --n-test a finished run on
 another test list is resumed from its last checkpoint and re-evaluated only. When the methods include SFT alone, a
-warm start is evaluated by `train.py --iters 0` in DIR/sft-ws<W>-seed<S>.
+warm start is evaluated by `train.py --iters 0` in DIR/sft-ws<W>-seed<S>. An RL run whose warm start's SFT row the
+record already holds (same warm start key, judge, reward, flags and test list) gets --no-sft-test-eval: the record
+keeps that row, and a machine without the cached evaluation does not spend ~30 min re-making it per warm start.
 
 Writes
   results/experiment-<preset>[-faults<percent>][-test<n>].json (--preset default is named smollm2, its settings'
@@ -172,8 +174,9 @@ def staleness(result: dict, expected: dict, key: str | None, fields: set) -> str
     return "; ".join(problems) or None
 
 
-def plan(args, extra: list) -> list[dict]:
-    """The runs to make or reuse: {"method", "warm_start", "seed", "dir", "args", "expected", "key", "fields"}."""
+def plan(args, extra: list, sft_held: set = frozenset()) -> list[dict]:
+    """The runs to make or reuse: {"method", "warm_start", "seed", "dir", "args", "expected", "key", "fields"}; RL
+    runs of a warm start in sft_held (its SFT row is in the record) skip the warm start's test evaluation."""
     rl = [m for m in args.methods if m != "SFT"]
     cells = [(m, w, s) for m in rl for w in args.sft_seeds for s in args.seeds]
     if not rl:                                    # SFT alone: one evaluation per warm start (per seed under faults)
@@ -182,7 +185,8 @@ def plan(args, extra: list) -> list[dict]:
     runs = []
     for method, w, s in cells:
         flags = method_flags(method, args.call_bonus)
-        targs = train_args(args.preset, w, s, flags, extra)
+        targs = train_args(args.preset, w, s, flags, extra) + (["--no-sft-test-eval"] if method != "SFT" and
+                                                               w in sft_held else [])
         expected, key = expected_run(targs)
         fields = (METHOD_FIELDS | flag_fields(flags) | flag_fields(extra)) - NOT_COMPARED
         runs.append({"method": method, "warm_start": w, "seed": s, "args": targs, "expected": expected, "key": key,
@@ -300,15 +304,17 @@ def experiment_record(preset: str, suite: str, results: dict, train_flags: list 
     sft_rows, rl_rows = {}, []
     for (method, w, seed), result in results.items():
         for key in ("test_outcomes", "sft_test_outcomes"):
-            if sorted(result[key]) != sorted(task_ids):
+            if result[key] is not None and sorted(result[key]) != sorted(task_ids):
                 raise ValueError(f"{method} ws{w} seed {seed}: {key} covers other test tasks than the first run's")
+        if method != "SFT":
+            rl_rows.append(run_row(method, w, seed, result, sft=False))
+        if result["sft_test_outcomes"] is None:          # --no-sft-test-eval: the merged record holds that row
+            continue
         row = run_row("SFT", w, seed if result.get("config", {}).get("fault_rate") else None, result, sft=True)
         first_row = sft_rows.setdefault((w, row["seed"]), row)
         if first_row["outcomes"] != row["outcomes"]:
             print(f"warning: warm start {w}'s SFT evaluation differs between its runs; the record keeps the first",
                   file=sys.stderr)
-        if method != "SFT":
-            rl_rows.append(run_row(method, w, seed, result, sft=False))
     judge, reward = versions()
     return {"preset": record_preset(preset), "suite": suite, "train_flags": list(train_flags), "judge": judge,
             "reward": reward, "test_task_ids": task_ids,
@@ -332,6 +338,31 @@ def merge_records(old: dict, new: dict, key_of, path: str) -> dict:
                            f"{r.get('warm_start_key')}, not {key_of(r['warm_start'])}; --replace-record writes this "
                            f"invocation's runs alone")
     return {**new, "runs": sorted(new["runs"] + kept, key=run_order)}
+
+
+def sft_rows_held(path: str, preset: str, n_test: int, extra: list, key_of) -> set:
+    """The warm starts whose SFT row the record at `path` holds as this experiment would make it now (the same preset,
+    train.py flags, judge, reward and test-list length, and the warm start's current key; no faults): their RL runs
+    need not evaluate the warm start again. Empty when there is no such record."""
+    if not os.path.exists(path):
+        return set()
+    old = load_json(path)
+    if ([old.get(f) for f in ("preset", "train_flags", "judge", "reward")] != [record_preset(preset), list(extra),
+                                                                              *versions()]
+            or len(old.get("test_task_ids", ())) != n_test):
+        return set()
+    return {r["warm_start"] for r in old["runs"] if r["method"] == "SFT" and r["seed"] is None
+            and r.get("warm_start_key") == key_of(r["warm_start"])}
+
+
+def check_sft_rows(record: dict):
+    """Every warm start an RL row stands on has its SFT row (each comparison "X vs SFT" pairs a run with it)."""
+    missing = sorted({r["warm_start"] for r in record["runs"] if r["method"] != "SFT"}
+                     - {r["warm_start"] for r in record["runs"] if r["method"] == "SFT"})
+    if missing:
+        raise ValueError(f"no SFT row for warm start(s) {missing}: their runs skipped its test evaluation "
+                         f"(--no-sft-test-eval) and the record holds none; run --methods SFT --sft-seeds "
+                         f"{' '.join(map(str, missing))} first")
 
 
 def run_label(row: dict) -> str:
@@ -365,11 +396,10 @@ def rejudge_file(path: str):
     print(f"wrote {path} (judge {record['judge']})")
 
 
-def record_file(preset: str, record: dict, n_test: int | None = None) -> str:
+def record_file(preset: str, fault_rate: float, n_test: int | None = None) -> str:
     """experiment-<preset>.json (default: smollm2); -faults<percent> for runs under injected faults, -test<n> for a
     test list of another length than the preset's (--n-test)."""
-    rate = max(r["fault_rate"] for r in record["runs"])
-    return (f"experiment-{record_preset(preset)}" + (f"-faults{round(100 * rate)}" if rate else "")
+    return (f"experiment-{record_preset(preset)}" + (f"-faults{round(100 * fault_rate)}" if fault_rate else "")
             + (f"-test{n_test}" if n_test is not None else "") + ".json")
 
 
@@ -392,20 +422,21 @@ def diagnostics_table(results: dict) -> str:
              "last iteration: train return / explained variance / invalid actions |", "|---" * 4 + "|"]
     rows, sft_seen = {}, set()
     for (method, w, _), r in results.items():
-        if w not in sft_seen:
+        sft = r["sft_test_transcripts"]                  # None: the run did not evaluate its warm start on test
+        if sft and w not in sft_seen:
             sft_seen.add(w)
-            rows.setdefault("SFT", []).append((r["sft_test_transcripts"], r["sft_test_transcripts"], None))
+            rows.setdefault("SFT", []).append((sft, sft, None))
         if method != "SFT":
-            rows.setdefault(method, []).append((r["test_transcripts"], r["sft_test_transcripts"],
-                                                r["history"][-1] if r["history"] else None))
+            rows.setdefault(method, []).append((r["test_transcripts"], sft, r["history"][-1] if r["history"] else None))
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     for method, runs in rows.items():
         stops = " / ".join(f"{100 * mean([mean([t[i]['stop'] == s for i in t]) for t, _, _ in runs]):.0f}"
                            for s in STOPS)
-        changed = mean([mean([t[i]["actions"] != sft[i]["actions"] for i in t]) for t, sft, _ in runs])
+        changed = [mean([t[i]["actions"] != sft[i]["actions"] for i in t]) for t, sft, _ in runs if sft]
         last = [h for _, _, h in runs if h]
         train = " / ".join(f"{mean([h[k] for h in last]):.2f}" for k in ("return", "explained_variance", "invalid"))
-        lines.append(f"| {method} | {stops} | {100 * changed:.0f} | {train if last else '-'} |")
+        lines.append(f"| {method} | {stops} | {f'{100 * mean(changed):.0f}' if changed else '-'} | "
+                     f"{train if last else '-'} |")
     return "\n".join(lines)
 
 
@@ -669,7 +700,12 @@ def parse_args(argv):
 
 def experiment(args, extra: list):
     args.out = args.out or ("runs/experiment" if args.preset == "default" else f"runs/experiment-{args.preset}")
-    runs = plan(args, extra)
+    key_of = lambda w: expected_run(train_args(args.preset, w, args.seeds[0], [], extra))[1]  # noqa: E731
+    base = expected_run(train_args(args.preset, 0, args.seeds[0], [], extra))[0]
+    path = os.path.join(args.results_dir, record_file(args.preset, base["fault_rate"], args.n_test))
+    held = set() if args.replace_record else sft_rows_held(path, args.preset, args.n_test or base["n_test"], extra,
+                                                           key_of)
+    runs = plan(args, extra, held)
     check_finished(runs)
     os.makedirs(args.out, exist_ok=True)
     results, histories = {}, {}
@@ -679,10 +715,9 @@ def experiment(args, extra: list):
             histories.setdefault(r["method"], []).append((result["sft_val"]["all"]["pass_rate"], result["history"]))
     record = experiment_record(args.preset, runs[0]["expected"]["suite"], results, extra)
     os.makedirs(args.results_dir, exist_ok=True)
-    path = os.path.join(args.results_dir, record_file(args.preset, record, args.n_test))
     if os.path.exists(path) and not args.replace_record:
-        key_of = lambda w: expected_run(train_args(args.preset, w, args.seeds[0], [], extra))[1]  # noqa: E731
         record = merge_records(load_json(path), record, key_of, path)
+    check_sft_rows(record)
     write_record(path, record)
     md = report(record, results)
     print(md)

@@ -217,6 +217,18 @@ def iteration_record(it, episodes, stats, t_roll, d) -> dict:
             "rollout_s": distributed.max_over_ranks(t_roll, d), "rss_mb": resident_mb()}
 
 
+def test_table(cfg: Config, test_tasks, sft_test, sft_outcomes, final_test, final_outcomes) -> str:
+    """SFT and the trained policy, then the two paired task by task per group; --iters 0: the SFT row alone (no RL);
+    --no-sft-test-eval: the trained policy alone (the experiment's record holds the SFT row)."""
+    name = {"step": "StepTool", "final": "PPO (final reward)", "calls": "PPO-calls"}.get(cfg.reward, cfg.reward)
+    if not cfg.iters:
+        return results_table({"SFT": sft_test})
+    if sft_test is None:
+        return results_table({name: final_test})
+    return results_table({"SFT": sft_test, name: final_test}) + "\n\n" + paired_table(
+        name, sft_outcomes, final_outcomes, {t.id: t.group for t in test_tasks})
+
+
 def write_results(cfg: Config, d, result: dict, table: str):
     if d.main:
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
@@ -250,8 +262,9 @@ def main(cfg: Config) -> dict:
         return evaluate_only(cfg, model, tokenizer, env, test_tasks, d, say)
     sft_val, _, _ = evaluate_warm_start(cfg, model, tokenizer, env, val_tasks, d, warm_start_dir)
     sft_test, sft_outcomes, sft_transcripts = evaluate_warm_start(cfg, model, tokenizer, env, test_tasks, d,
-                                                                  warm_start_dir)
-    say(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass {sft_test['all']['pass_rate']:.3f}")
+                                                                  warm_start_dir) if cfg.sft_test_eval else [None] * 3
+    say(f"SFT: val pass {sft_val['all']['pass_rate']:.3f}, test pass "
+        + (f"{sft_test['all']['pass_rate']:.3f}" if sft_test else "not evaluated (--no-sft-test-eval)"))
 
     # --- policy + critic, reference policy, optimizer (and the state of a resumed run)
     policy, trained, reference, optimizer, history, start = build_policy(cfg, model, d, device, say)
@@ -314,10 +327,7 @@ def main(cfg: Config) -> dict:
     else:
         final_test, final_outcomes, final_transcripts = sft_test, sft_outcomes, sft_transcripts
     save(cfg, policy, tokenizer, optimizer, history, d)
-    name = {"step": "StepTool", "final": "PPO (final reward)", "calls": "PPO-calls"}.get(cfg.reward, cfg.reward)
-    table = results_table({"SFT": sft_test, name: final_test}) + "\n\n" + paired_table(
-        name, sft_outcomes, final_outcomes, {t.id: t.group for t in test_tasks}) if cfg.iters else \
-        results_table({"SFT": sft_test})                 # --iters 0: no RL, so no row for a method
+    table = test_table(cfg, test_tasks, sft_test, sft_outcomes, final_test, final_outcomes)
     say("\nTest split (pass rate = Solved fraction; recall = relevant tools called)\n" + table)
     # Per-task IsSolved on the same test list, for paired statistics across methods and seeds (experiment.py)
     return write_results(cfg, d, {

@@ -53,6 +53,8 @@ def fake_train(monkeypatch):
         cfg = parse_config(cmd[2:])
         os.makedirs(cfg.out, exist_ok=True)
         result = fake_result(cfg, OUTCOMES.get(os.path.basename(cfg.out), SFT[cfg.sft_seed]), SFT[cfg.sft_seed])
+        if not cfg.sft_test_eval:                      # as train.py: no SFT row, its val evaluation still there
+            result |= {"sft_test": None, "sft_test_outcomes": None, "sft_test_transcripts": None}
         with open(os.path.join(cfg.out, "results.json"), "w") as f:
             json.dump(result, f)
     monkeypatch.setattr(experiment.subprocess, "run", train)
@@ -192,10 +194,10 @@ def test_a_finished_run_is_reused_unless_another_test_length_is_asked_for(tmp_pa
     assert len(calls) == 1
     assert len(experiment.run(r, n_test=9)["test_outcomes"]) == 9 and len(calls) == 2
     assert "--resume" in calls[1] and calls[1][-2:] == ["--n-test", "9"]
-    assert experiment.record_file("smoke", {"runs": [{"fault_rate": 0.0}]}, n_test=9) == "experiment-smoke-test9.json"
-    assert experiment.record_file("p", {"runs": [{"fault_rate": 0.3}]}) == "experiment-p-faults30.json"
+    assert experiment.record_file("smoke", 0.0, n_test=9) == "experiment-smoke-test9.json"
+    assert experiment.record_file("p", 0.3) == "experiment-p-faults30.json"
     # --preset default is the smollm2 settings: its records carry (and merge under) that name, as issue 30 asks
-    assert experiment.record_file("default", {"runs": [{"fault_rate": 0.0}]}) == "experiment-smollm2.json"
+    assert experiment.record_file("default", 0.0) == "experiment-smollm2.json"
     assert experiment.record_preset("default") == "smollm2" and experiment.record_preset("tiny") == "tiny"
 
 
@@ -234,6 +236,28 @@ def test_sft_alone_evaluates_each_warm_start_once_with_no_rl(tmp_path, fake_trai
     assert [c[c.index("--out") + 1].rsplit("/", 1)[1] for c in fake_train] == ["sft-ws0-seed0", "sft-ws1-seed0"]
     assert all(c[c.index("--iters") + 1] == "0" for c in fake_train)
     assert [(r["method"], r["warm_start"], r["seed"]) for r in record["runs"]] == [("SFT", 0, None), ("SFT", 1, None)]
+
+
+def test_rl_runs_skip_the_warm_starts_test_evaluation_when_the_record_holds_its_sft_row(tmp_path, fake_train, capsys):
+    test4 = dict(record="experiment-smoke-test4.json")                # the fake's test list: 4 tasks
+    main(tmp_path, "--methods", "SFT", "--sft-seeds", "0", "--n-test", "4", **test4)   # the record: ws0's SFT row
+    path = tmp_path / "results" / test4["record"]
+    held = json.loads(path.read_text())
+    held["runs"][0]["commit"] = "evaluated-yesterday"
+    path.write_text(json.dumps(held))
+    record = main(tmp_path, "--methods", "StepTool", "--sft-seeds", "0", "1", "--seeds", "0", "--n-test", "4", **test4)
+    skipped = {c[c.index("--out") + 1].rsplit("/", 1)[1]: "--no-sft-test-eval" in c for c in fake_train[1:]}
+    assert skipped == {"steptool-ws0-seed0": True, "steptool-ws1-seed0": False}   # ws1 has no row in the record
+    assert [(r["method"], r["warm_start"], r["commit"]) for r in record["runs"]] == \
+        [("SFT", 0, "evaluated-yesterday"), ("SFT", 1, "c0ffee"), ("StepTool", 0, "c0ffee"), ("StepTool", 1, "c0ffee")]
+    assert "| StepTool vs SFT | 2 |" in (tmp_path / "runs" / "results.md").read_text()    # each run vs its own row
+    # Written alone (--replace-record), the run that skipped its warm start's evaluation has no SFT row to pair with
+    with pytest.raises(SystemExit):
+        main(tmp_path, "--methods", "StepTool", "--sft-seeds", "0", "--seeds", "0", "--n-test", "4", "--replace-record",
+             **test4)
+    assert capsys.readouterr().err.startswith("error: no SFT row for warm start(s) [0]: their runs skipped")
+    assert len(fake_train) == 3                                        # nothing was run again
+    assert experiment.check_sft_rows(record) is None
 
 
 def test_ppo_calls_passes_its_bonus_and_refuses_to_run_without_one(tmp_path, fake_train, capsys, monkeypatch):

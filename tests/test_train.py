@@ -101,6 +101,7 @@ def test_a_run_killed_with_sigkill_resumes_to_bitwise_the_same_weights_and_metri
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
     (["--preset", "huge"], "unknown --preset 'huge'"),
     (["--advantage", "step-group"], "--advantage step-group compares rollouts of one task: it needs --group-size >= 2"),
+    (["--iters", "0", "--no-sft-test-eval"], "--no-sft-test-eval with --iters 0 would evaluate nothing"),
 ])
 @pytest.mark.slow
 def test_bad_flags_fail_with_one_clear_line_and_a_nonzero_exit(flags, message):
@@ -257,6 +258,14 @@ def test_the_warm_start_is_evaluated_once_and_a_second_run_reads_the_same_sft_ro
     assert len(calls) == 6                     # --iters 0: the cached SFT row is the test row; nothing runs again
     assert sft_only["test_outcomes"] == sft_only["sft_test_outcomes"] == first["sft_test_outcomes"]
     assert sft_only["test_transcripts"] == first["sft_test_transcripts"]
+    # --no-sft-test-eval (experiment.py, when its record holds the SFT row): the trained model alone is tested
+    skipped = T.main(T.parse_config([*flags, "--out", str(tmp_path / "e"), "--no-sft-test-eval",
+                                     "--cache-dir", str(tmp_path / "empty-cache")]))
+    table = capsys.readouterr().out.split("Test split")[-1]
+    assert "| StepTool |" in table and "SFT" not in table
+    assert skipped["sft_test"] is skipped["sft_test_outcomes"] is skipped["sft_test_transcripts"] is None
+    assert len(skipped["test_outcomes"]) == n_test and skipped["sft_val"]["all"]["pass_rate"] >= 0
+    assert calls[6:] == [n_val, n_val, n_test]  # a new cache: the SFT val row, RL's validation, test; no SFT test row
 
 
 
